@@ -1,0 +1,23 @@
+# The two commands the README promises. Both do all set-up themselves on a fresh machine.
+PY ?= python3
+PIP ?= $(PY) -m pip
+
+.PHONY: setup data demo test lint
+
+data:
+	@test -d /usr/share/datasets/fashion-mnist || { \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	  { echo "could not install dataset-fashion-mnist: run 'apt-get install dataset-fashion-mnist' as root"; exit 1; }; }
+
+setup: data
+	$(PIP) install -q -e '.[dev]'
+
+demo: setup
+	$(PY) -m hap.cli demo
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m ruff check src tests benchmarks
+
+lint:
+	$(PY) -m ruff check src tests benchmarks

@@ -1,0 +1,1 @@
+"""Model zoo: CIFAR-style ResNet/PreResNet/WideResNet/VGG (filled in by the models work)."""
