@@ -1,0 +1,30 @@
+"""hap: Hessian-Aware Pruning with Neural Implant.
+
+The public face is three calls::
+
+    sens = hap.sensitivity(model, loss_fn, batches)      # per-unit second-order sensitivity
+    plan = hap.plan(model, sens, hap.Target(params=0.5))  # which units go, which get an implant
+    small = hap.prune(model, plan)                        # physically smaller model
+"""
+
+from .groups import ChannelGroup, ParamSlice, Unit, UnsupportedLayerError, channel_groups, flatten_units
+from .hessian import TraceEstimate, estimate_traces
+from .sensitivity import METHODS, Sensitivity, UnitSensitivity, model_signature, sensitivity
+
+__all__ = [
+    "ChannelGroup",
+    "ParamSlice",
+    "Unit",
+    "UnsupportedLayerError",
+    "channel_groups",
+    "flatten_units",
+    "TraceEstimate",
+    "estimate_traces",
+    "METHODS",
+    "Sensitivity",
+    "UnitSensitivity",
+    "model_signature",
+    "sensitivity",
+]
+
+__version__ = "0.1.0"

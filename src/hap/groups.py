@@ -1,0 +1,293 @@
+"""Structured units: what disappears together when one channel (or head) is pruned.
+
+A *unit* is a list of parameter slices ``(parameter name, dim, indices)``. The sensitivity engine only
+ever sees units, so it works the same for CNN channels and attention heads. Channel units come from
+Torch-Pruning's dependency graph: it already knows how residual adds, concatenations, splits,
+flattening and depthwise convolutions couple channels across layers, and keeping a hand-written map
+per architecture is exactly the kind of code that silently mis-indexes. What Torch-Pruning does not
+give us is the *parameter slices* behind each pruning function; we translate them here, per layer
+type, and refuse any layer type we have not checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning.pruner import function as tpf
+
+from ._utils import eval_mode
+
+__all__ = [
+    "ParamSlice",
+    "Unit",
+    "ChannelGroup",
+    "channel_groups",
+    "flatten_units",
+    "UnsupportedLayerError",
+]
+
+# Roles say on which side of a layer a slice sits: "out" is the producer of the channel (its filter,
+# its BatchNorm entry), "in" is a consumer (the next layer's input columns). The reference HAP code
+# scored only the producer side; the "scope" option of the engine picks either.
+ROLE_OUT = "out"
+ROLE_IN = "in"
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer in a dependency group whose parameter slicing we do not handle."""
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """All entries of parameter ``param`` whose coordinate along ``dim`` is in ``indices``."""
+
+    param: str
+    dim: int
+    indices: tuple[int, ...]
+    role: str = ROLE_OUT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"param": self.param, "dim": self.dim, "indices": list(self.indices), "role": self.role}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ParamSlice:
+        return cls(str(d["param"]), int(d["dim"]), tuple(int(i) for i in d["indices"]), str(d.get("role", ROLE_OUT)))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One prunable structure: channel ``index`` of group ``group`` (or head ``index`` of a layer)."""
+
+    group: str
+    index: int
+    slices: tuple[ParamSlice, ...]
+    kind: str = "channel"
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}[{self.index}]"
+
+    def scoped(self, scope: str) -> tuple[ParamSlice, ...]:
+        """Slices within ``scope``: ``"all"`` (everything removed with the unit) or ``"producer"``."""
+        if scope == "all":
+            return self.slices
+        if scope == "producer":
+            return tuple(s for s in self.slices if s.role == ROLE_OUT)
+        raise ValueError(f"unknown scope {scope!r}: use 'all' or 'producer'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "index": self.index,
+            "kind": self.kind,
+            "slices": [s.to_dict() for s in self.slices],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Unit:
+        return cls(
+            str(d["group"]),
+            int(d["index"]),
+            tuple(ParamSlice.from_dict(s) for s in d["slices"]),
+            str(d.get("kind", "channel")),
+        )
+
+
+@dataclass
+class ChannelGroup:
+    """Channels coupled by the dependency graph; pruning channel ``i`` removes ``units[i]`` entirely.
+
+    Attributes:
+        name: Qualified name of the root layer (the first producer Torch-Pruning found).
+        producers: Layers whose *output* channels belong to the group (more than one across a residual add).
+        consumers: Layers whose *input* channels are sliced with the group.
+        units: One unit per channel, in channel order.
+    """
+
+    name: str
+    producers: list[str]
+    consumers: list[str]
+    units: list[Unit] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.units)
+
+
+def flatten_units(groups: Iterable[ChannelGroup]) -> list[Unit]:
+    """All units of all groups, in group order."""
+    return [u for g in groups for u in g.units]
+
+
+def _conv_slices(
+    module: nn.Module, name: str, is_out: bool, idx: int, is_depthwise: bool
+) -> list[tuple[str, int, int, str]]:
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    if is_depthwise or (module.groups == module.in_channels == module.out_channels and module.groups > 1):
+        # Depthwise: input channel i and output channel i are the same filter; both pruning
+        # functions cut weight row i (Torch-Pruning couples them), so the slice is identical.
+        out = [(f"{name}.weight", 0, idx, ROLE_OUT)]
+        if module.bias is not None:
+            out.append((f"{name}.bias", 0, idx, ROLE_OUT))
+        return out
+    if module.groups != 1:
+        raise UnsupportedLayerError(
+            f"layer '{name}' is a grouped convolution (groups={module.groups}); only groups=1 and "
+            "depthwise convolutions are supported: exclude it with exclude=['{name}']"
+        )
+    transposed = bool(getattr(module, "transposed", False))
+    if is_out:
+        out = [(f"{name}.weight", 1 if transposed else 0, idx, ROLE_OUT)]
+        if module.bias is not None:
+            out.append((f"{name}.bias", 0, idx, ROLE_OUT))
+        return out
+    return [(f"{name}.weight", 0 if transposed else 1, idx, ROLE_IN)]
+
+
+def _linear_slices(module: nn.Linear, name: str, is_out: bool, idx: int) -> list[tuple[str, int, int, str]]:
+    if is_out:
+        out = [(f"{name}.weight", 0, idx, ROLE_OUT)]
+        if module.bias is not None:
+            out.append((f"{name}.bias", 0, idx, ROLE_OUT))
+        return out
+    return [(f"{name}.weight", 1, idx, ROLE_IN)]
+
+
+def _norm_slices(module: nn.Module, name: str, idx: int, role: str) -> list[tuple[str, int, int, str]]:
+    # Running statistics are buffers, not parameters: they do not enter the Hessian.
+    out = []
+    for pname in ("weight", "bias"):
+        p = getattr(module, pname, None)
+        if isinstance(p, torch.Tensor) and p.requires_grad:
+            if p.dim() != 1:
+                raise UnsupportedLayerError(
+                    f"layer '{name}' has a {p.dim()}-d {pname}; only per-channel (1-d) affine parameters "
+                    f"are supported: exclude it with exclude=['{name}']"
+                )
+            out.append((f"{name}.{pname}", 0, idx, role))
+    return out
+
+
+def _slices_for(
+    module: nn.Module, name: str, handler: Any, idx: int, is_out: bool
+) -> list[tuple[str, int, int, str]]:
+    """Parameter slices that ``handler`` (a Torch-Pruning pruning function) removes for index ``idx``."""
+    pruner = getattr(handler, "__self__", None)
+    if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        return []  # a parameter-free node (add, concat, reshape, activation): nothing to slice
+    role = ROLE_OUT if is_out else ROLE_IN
+    if isinstance(pruner, tpf.DepthwiseConvPruner):
+        return _conv_slices(module, name, is_out, idx, True)
+    if isinstance(pruner, tpf.ConvPruner) and isinstance(module, nn.modules.conv._ConvNd):
+        return _conv_slices(module, name, is_out, idx, False)
+    if isinstance(pruner, tpf.LinearPruner) and isinstance(module, nn.Linear):
+        return _linear_slices(module, name, is_out, idx)
+    if isinstance(pruner, tpf.BatchnormPruner | tpf.GroupNormPruner | tpf.InstanceNormPruner):
+        return _norm_slices(module, name, idx, ROLE_OUT)
+    if isinstance(pruner, tpf.LayernormPruner):
+        shape = tuple(getattr(module, "normalized_shape", ()))
+        if len(shape) != 1:
+            raise UnsupportedLayerError(
+                f"layer '{name}' is a LayerNorm over {len(shape)} dims; only 1-d normalized_shape is "
+                f"supported: exclude it with exclude=['{name}']"
+            )
+        return _norm_slices(module, name, idx, ROLE_OUT)
+    if isinstance(pruner, tpf.PReLUPruner):
+        w = module.weight
+        return [] if w.numel() == 1 else [(f"{name}.weight", 0, idx, role)]
+    raise UnsupportedLayerError(
+        f"layer '{name}' ({type(module).__name__}) sits in a channel group but hap does not know how "
+        f"its parameters are sliced: exclude it with exclude=['{name}'] or wrap it in supported layers"
+    )
+
+
+def _resolve_exclude(model: nn.Module, exclude: Sequence[str | nn.Module] | None) -> list[nn.Module]:
+    named = dict(model.named_modules())
+    out: list[nn.Module] = []
+    for e in exclude or ():
+        if isinstance(e, nn.Module):
+            out.append(e)
+        elif e in named:
+            out.append(named[e])
+        else:
+            raise ValueError(f"exclude names a layer '{e}' that the model does not have")
+    return out
+
+
+def build_dependency_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+    """Trace ``model`` once on ``example_inputs`` (a tensor, tuple or mapping of keyword tensors)."""
+    with eval_mode(model):
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+
+
+def channel_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    exclude: Sequence[str | nn.Module] | None = None,
+    include_output: bool = False,
+) -> list[ChannelGroup]:
+    """Channel units of every prunable dependency group of ``model``.
+
+    Args:
+        model: Any ``nn.Module`` Torch-Pruning can trace.
+        example_inputs: One batch of inputs, used only to trace the graph.
+        exclude: Layers (names or modules) that must keep all their channels; a group containing any
+            of them is left out, because pruning the group would cut the excluded layer too.
+        include_output: Keep groups whose channels reach the model output unconsumed (the classifier's
+            classes). They are dropped by default: removing a class is not compression.
+
+    Raises:
+        UnsupportedLayerError: A group contains a layer whose slicing is not handled; the message
+            names the layer and how to exclude it.
+        ValueError: No prunable group was found, or ``exclude`` names a layer the model lacks.
+    """
+    name_of = {m: n for n, m in model.named_modules()}
+    ignored = _resolve_exclude(model, exclude)
+    dg = build_dependency_graph(model, example_inputs)
+    groups: list[ChannelGroup] = []
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
+        items = list(group.items) if hasattr(group, "items") else list(group)
+        root_module = items[0][0].target.module
+        root_name = name_of.get(root_module, str(root_module))
+        per_unit: dict[int, dict[tuple[str, int, str], set[int]]] = {}
+        producers: list[str] = []
+        consumers: list[str] = []
+        for item in items:
+            dep, idxs = item[0], item[1]
+            # Torch-Pruning stores, per item, the root channel each local index belongs to; after a
+            # flatten one channel owns several input features of the next Linear.
+            roots = getattr(item, "root_idxs", None) or [getattr(h, "root_idx", h) for h in idxs]
+            module = dep.target.module
+            if module not in name_of:
+                continue  # parameter-free functional node created by the tracer
+            mname = name_of[module]
+            is_out = dg.is_out_channel_pruning_fn(dep.handler)
+            has_params = any(p.requires_grad for p in module.parameters(recurse=False))
+            if has_params and isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+                (producers if is_out else consumers).append(mname)
+            for h, root_h in zip(idxs, roots, strict=True):
+                local = int(getattr(h, "idx", h))
+                root = int(root_h)
+                for pname, dim, i, role in _slices_for(module, mname, dep.handler, local, is_out):
+                    per_unit.setdefault(root, {}).setdefault((pname, dim, role), set()).add(i)
+        if not consumers and not include_output:
+            continue  # nothing reads these channels: they are the model's outputs
+        units = []
+        for root in sorted(per_unit):
+            slices = tuple(
+                ParamSlice(p, d, tuple(sorted(ix)), role) for (p, d, role), ix in sorted(per_unit[root].items())
+            )
+            units.append(Unit(root_name, root, slices))
+        if units:
+            groups.append(ChannelGroup(root_name, sorted(set(producers)), sorted(set(consumers)), units))
+    if not groups:
+        raise ValueError(
+            "the model has no prunable channel groups (no Conv/Linear layer whose outputs feed another "
+            "layer, or all of them excluded)"
+        )
+    return groups
