@@ -77,6 +77,15 @@ def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests use tiny tensors: one intra-op thread avoids oversubscribing a 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 TINY = {"mlp": MLP, "convbn": ConvBN, "residual": Residual, "concat_dw": ConcatDepthwise}
 
 

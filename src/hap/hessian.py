@@ -329,6 +329,7 @@ def estimate_traces(
     seed: int = 0,
     progress: bool = True,
     keep_samples: bool = False,
+    max_seconds: float | None = None,
 ) -> TraceEstimate:
     """Estimate ``Tr(H_uu)`` for every unit; stop when the estimates settle.
 
@@ -357,6 +358,7 @@ def estimate_traces(
         seed: Seeds the probe vectors, the partitions and the Fisher's sampled labels.
         progress: Show a progress bar.
         keep_samples: Keep the per-sample matrix in the result (tests and studies).
+        max_seconds: A time budget: stop (unconverged) once it is spent, checked after each batch visit.
 
     Raises:
         ValueError: Bad settings, empty batches, units naming missing parameters.
@@ -472,6 +474,9 @@ def estimate_traces(
                 if stability is not None and split >= stability:
                     converged, reason = True, f"split-half rank stability {split:.3f} >= {stability}"
                     break
+            if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+                reason = f"time budget max_seconds={max_seconds} spent before tol={tol} or stability={stability}"
+                break
     bar.close()
     mean, se, count, split, med_rel = stats.summary(score_weight)
     return TraceEstimate(

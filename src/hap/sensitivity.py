@@ -261,6 +261,7 @@ def sensitivity(
     exclude: Sequence[str | nn.Module] | None = None,
     seed: int = 0,
     progress: bool = True,
+    max_seconds: float | None = None,
 ) -> Sensitivity:
     """Score every structured unit of ``model`` by how much the loss depends on it.
 
@@ -273,7 +274,7 @@ def sensitivity(
         method: ``"hap"`` or a baseline: ``"l1"``/``"magnitude"``, ``"l2"``, ``"taylor"``, ``"obd"``,
             ``"random"``.
         max_samples, min_samples, tol, stability, samples_per_batch, max_batches, probe, partitions,
-        vectors_per_product, curvature, backend: See :func:`hap.hessian.estimate_traces`.
+        vectors_per_product, curvature, backend, max_seconds: See :func:`hap.hessian.estimate_traces`.
         scope: ``"all"`` slices removed with a unit enter its score, or only the ``"producer"``'s.
         exclude: Layers never pruned (only with ``units="channels"``).
         seed: Seeds every random choice.
@@ -332,6 +333,7 @@ def sensitivity(
             score_weight=weight,
             seed=seed,
             progress=progress,
+            max_seconds=max_seconds,
         )
         trace, trace_se = est.trace, est.trace_se
         scores = trace * weight

@@ -1,0 +1,192 @@
+"""Engine benchmark: cost of one Hutchinson sample and ranking stability per second, side by side.
+
+Measured in one run on ResNet-20 / Fashion-MNIST (batch 128, model in eval mode):
+
+(a) our engine: one Rademacher vector over ALL unit parameters, one HVP, every unit reduced from it;
+(b) a per-layer loop: one HVP per layer per sample (what calling a per-layer trace estimator such as
+    PyHessian's once per layer does), on the same first-order graph;
+(c) a plain gradient (forward + backward), the unit of cost.
+
+Then, for each estimator variant, the split-half rank stability of the unit *scores* reached after a
+fixed wall-time budget, so variants are compared per second of compute, not per sample. Peak memory
+of each variant is the peak RSS of a fresh subprocess running only that variant.
+
+Run: ``python benchmarks/hessian_engine.py`` (trains/caches the dense model first if needed; use
+``--epochs`` to pick which cached model, ``--budget`` for the seconds per variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hap  # noqa: E402
+from _common import OUT, dense_resnet, machine  # noqa: E402
+from hap._reduce import UnitReducer  # noqa: E402
+from hap.hessian import _HVP, _rademacher, estimate_traces  # noqa: E402
+
+VARIANTS = {
+    "global (1 vector/product)": dict(probe="global", vectors_per_product=1),
+    "global, 4 vectors/product (batched)": dict(probe="global", vectors_per_product=4),
+    "partitioned, 4 partitions": dict(probe="partitioned", partitions=4),
+    "partitioned, 16 partitions": dict(probe="partitioned", partitions=16),
+    "fisher (per-example, sampled labels)": dict(curvature="fisher"),
+    "global, functorch backend": dict(probe="global", backend="functorch"),
+}
+
+
+def _setup(epochs: int, n_batches: int, batch: int = 128):
+    model, data, summary = dense_resnet("resnet20", epochs=epochs, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for i, b in enumerate(data.loader("train", batch, shuffle=True, generator=gen)):
+        if i >= n_batches:
+            break
+        batches.append(b)
+    units = hap.flatten_units(hap.channel_groups(model, batches[0][0]))
+    return model, data, summary, batches, units
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def cost_per_sample(model, batches, units, repeats: int, per_batch: int) -> dict[str, float]:
+    named = dict(model.named_parameters())
+    names = sorted({s.param for u in units for s in u.slices})
+    params = {n: named[n] for n in names}
+    shapes = {n: p.shape for n, p in params.items()}
+    reducer = UnitReducer(units, shapes)
+    x, y = batches[0]
+    gen = torch.Generator().manual_seed(0)
+    model.eval()
+
+    def grad_only():
+        loss = F.cross_entropy(model(x), y)
+        torch.autograd.grad(loss, list(params.values()))
+
+    def engine(backend: str):
+        def run():
+            hvp = _HVP(model, F.cross_entropy, params, (x, y), 0, backend)
+            for _ in range(per_batch):
+                v = {n: _rademacher(s, gen, torch.float32) for n, s in shapes.items()}
+                hv = hvp(v, batched=False)
+                reducer({n: v[n] * hv[n] for n in names})
+
+        return run
+
+    layers: dict[str, list[str]] = {}
+    for n in names:
+        layers.setdefault(n.rsplit(".", 1)[0], []).append(n)
+
+    def per_layer():
+        loss = F.cross_entropy(model(x), y)
+        # PyHessian-style: first-order graph once, then per layer an HVP w.r.t. that layer only
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        gmap = dict(zip(names, grads, strict=True))
+        for _ in range(per_batch):
+            for lnames in layers.values():
+                v = [_rademacher(shapes[n], gen, torch.float32) for n in lnames]
+                hv = torch.autograd.grad([gmap[n] for n in lnames], [params[n] for n in lnames], grad_outputs=v,
+                                         retain_graph=True)
+                reducer({n: vi * h for n, vi, h in zip(lnames, v, hv, strict=True)})
+
+    t_grad = _time(grad_only, repeats)
+    t_a = _time(engine("double_backward"), repeats) / per_batch
+    t_a_f = _time(engine("functorch"), max(1, repeats // 2)) / per_batch
+    t_b = _time(per_layer, max(1, repeats // 2)) / per_batch
+    return {"grad_s": t_grad, "engine_s": t_a, "engine_functorch_s": t_a_f, "per_layer_s": t_b,
+            "layers": len(layers), "units": len(units), "params_in_units": sum(p.numel() for p in params.values())}
+
+
+def stability(model, batches, units, variant: dict, budget: float, seed: int) -> dict:
+    named = dict(model.named_parameters())
+    shapes = {s.param: named[s.param].shape for u in units for s in u.slices}
+    red = UnitReducer(units, shapes)
+    weight = (red({n: named[n].detach() ** 2 for n in shapes}) / red.counts()).numpy()
+    est = estimate_traces(model, F.cross_entropy, batches, units, max_samples=10**6, min_samples=8,
+                          stability=None, tol=0.0, samples_per_batch=8, max_batches=len(batches),
+                          score_weight=weight, seed=seed, progress=False, max_seconds=budget, **variant)
+    hist = est.history
+    at = {}
+    for frac in (0.25, 0.5, 1.0):
+        t = budget * frac
+        rows = [h for h in hist if h[1] <= t * 1.05]
+        at[f"{t:.0f}s"] = rows[-1][2] if rows else float("nan")
+    neg = float(np.mean(est.trace < 0))
+    return {"samples": est.samples, "seconds": est.wall_time_s, "split_half": est.split_half,
+            "split_half_at": at, "negative_fraction": neg, "median_rel_se": est.median_rel_se}
+
+
+def peak_memory(variant: str, epochs: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--epochs", str(epochs), "--only-memory", variant],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=15, help="which cached dense ResNet-20 (trained if missing)")
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds of estimation per variant")
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--only-memory", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, data, summary, batches, units = _setup(a.epochs, a.batches)
+    if a.only_memory is not None:
+        stability(model, batches, units, VARIANTS[a.only_memory], budget=10.0, seed=0)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+    print(f"machine: {machine()}")
+    print(f"model: resnet20 on Fashion-MNIST, {a.epochs} epochs, val acc {summary['best_val_acc']:.4f}; "
+          f"{len(units)} channel units, batch 128")
+    c = cost_per_sample(model, batches, units, a.repeats, per_batch=8)
+    print("\n== cost of one Hutchinson sample (8 samples per batch visit, median of repeats) ==")
+    print(f"(c) plain gradient                 {c['grad_s'] * 1e3:8.1f} ms")
+    print(f"(a) engine, all units per HVP      {c['engine_s'] * 1e3:8.1f} ms   "
+          f"(a)/(c) = {c['engine_s'] / c['grad_s']:.2f}")
+    print(f"(a') engine, functorch jvp(grad)   {c['engine_functorch_s'] * 1e3:8.1f} ms   (a')/(c) = "
+          f"{c['engine_functorch_s'] / c['grad_s']:.2f}")
+    print(f"(b) per-layer loop ({c['layers']} layers)    {c['per_layer_s'] * 1e3:8.1f} ms   (b)/(a) = "
+          f"{c['per_layer_s'] / c['engine_s']:.1f}  (goal >= {0.8 * c['layers']:.1f})")
+    rows = {}
+    print(f"\n== split-half rank stability of the unit scores vs wall time ({a.budget:.0f} s per variant, "
+          f"{a.seeds} seeds) ==")
+    print(f"{'variant':40s} {'samples':>8s} " + " ".join(f"{'@' + k:>9s}" for k in ("25%", "50%", "100%"))
+          + f" {'neg.tr':>7s} {'peakMB':>7s}")
+    for name, v in VARIANTS.items():
+        runs = [stability(model, batches, units, v, a.budget, seed=s) for s in range(a.seeds)]
+        mem = peak_memory(name, a.epochs)
+        ats = np.array([[r["split_half_at"][k] for k in r["split_half_at"]] for r in runs])
+        mean, sd = np.nanmean(ats, 0), np.nanstd(ats, 0)
+        rows[name] = {"runs": runs, "peak_rss_mb": mem}
+        print(f"{name:40s} {np.mean([r['samples'] for r in runs]):8.0f} "
+              + " ".join(f"{m:5.3f}±{s:.2f}" for m, s in zip(mean, sd, strict=True))
+              + f" {np.mean([r['negative_fraction'] for r in runs]):7.2f} {mem:7.0f}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "hessian_engine.json").write_text(json.dumps({"machine": machine(), "cost": c, "stability": rows,
+                                                          "budget_s": a.budget}, indent=1, default=float))
+    print(f"\nwritten: {OUT / 'hessian_engine.json'}")
+
+
+if __name__ == "__main__":
+    main()

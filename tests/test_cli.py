@@ -1,0 +1,94 @@
+"""The ``hap`` CLI: real files out, one-line errors and a non-zero exit code on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import hap
+from hap.cli import main
+
+
+@pytest.fixture
+def fmnist_dir(tmp_path):
+    """A tiny Fashion-MNIST in the real idx.gz format, so the CLI runs without the Debian package."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for prefix, n in (("train", 240), ("t10k", 60)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) * 60).astype(np.uint8)
+        images[np.arange(n), labels * 2] = 255  # a learnable stripe (row) per class
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+    return root
+
+
+def test_sensitivity_writes_json_and_table(fmnist_dir, tmp_path, capsys):
+    out = tmp_path / "sens.json"
+    rc = main(["sensitivity", "--data-root", str(fmnist_dir), "--out", str(out), "--max-samples", "8",
+               "--min-samples", "4", "--batches", "2", "--batch-size", "16", "--no-progress"])
+    assert rc == 0
+    sens = hap.Sensitivity.load(out)
+    assert sens.method == "hap" and sens.samples == 8 and len(sens.units) > 100
+    text = capsys.readouterr().out
+    assert "split-half" in text and "layer1.0.conv1" in text
+    assert json.loads(out.read_text())["settings"]["model"] == "resnet20"
+
+
+def test_train_then_baseline_sensitivity_from_checkpoint(fmnist_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data-root", str(fmnist_dir), "--epochs", "1", "--batch-size", "32", "--out", str(run),
+                 "--no-progress"]) == 0
+    assert {"best.safetensors", "last.json", "metrics.json", "config.json"} <= {p.name for p in run.iterdir()}
+    # a second train into the same directory is refused, --resume continues it
+    assert main(["train", "--data-root", str(fmnist_dir), "--epochs", "1", "--out", str(run), "--no-progress"]) == 2
+    assert main(["train", "--data-root", str(fmnist_dir), "--epochs", "1", "--batch-size", "32", "--out", str(run),
+                 "--resume", "--no-progress"]) == 0
+    out = tmp_path / "l1.json"
+    assert main(["sensitivity", "--data-root", str(fmnist_dir), "--checkpoint", str(run / "best.safetensors"),
+                 "--method", "l1", "--out", str(out), "--no-progress"]) == 0
+    assert hap.Sensitivity.load(out).method == "l1"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["sensitivity", "--model", "nope"], "unknown model"),
+        (["sensitivity", "--method", "magic"], "unknown method"),
+        (["sensitivity", "--max-samples", "0"], "max_samples"),
+        (["sensitivity", "--checkpoint", "missing.safetensors"], "no weights file"),
+        (["sensitivity", "--data", "/nonexistent/folder"], ""),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(fmnist_dir, tmp_path, args, words):
+    cmd = [sys.executable, "-m", "hap.cli", *args, "--data-root", str(fmnist_dir), "--out", str(tmp_path / "o.json"),
+           "--no-progress"]
+    if args[-1] == "/nonexistent/folder":
+        cmd.remove("--data-root")
+        cmd.remove(str(fmnist_dir))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in r.stderr and words in err[0]
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_wrong_checkpoint_architecture(fmnist_dir, tmp_path):
+    import torch.nn as nn
+
+    from hap.finetune import save_weights
+
+    ck = save_weights(nn.Linear(3, 2), tmp_path / "other.safetensors")
+    assert main(["sensitivity", "--data-root", str(fmnist_dir), "--checkpoint", str(ck), "--out",
+                 str(tmp_path / "o.json"), "--no-progress"]) == 2
