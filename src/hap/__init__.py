@@ -8,6 +8,7 @@ The public face is three calls::
 """
 
 from .groups import ChannelGroup, ParamSlice, Unit, UnsupportedLayerError, channel_groups, flatten_units
+from .heads import attention_layouts, eager_attention, head_units, mask_heads, michel_scores, prune_heads
 from .hessian import TraceEstimate, estimate_traces
 from .sensitivity import METHODS, Sensitivity, UnitSensitivity, model_signature, sensitivity
 
@@ -25,6 +26,12 @@ __all__ = [
     "UnitSensitivity",
     "model_signature",
     "sensitivity",
+    "attention_layouts",
+    "eager_attention",
+    "head_units",
+    "mask_heads",
+    "michel_scores",
+    "prune_heads",
 ]
 
 __version__ = "0.1.0"
