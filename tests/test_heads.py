@@ -427,3 +427,16 @@ def test_no_attention_is_a_clear_error():
 def test_unsupported_attention_names_the_module(module, match):
     with pytest.raises(UnsupportedLayerError, match=match):
         head_units(module)
+
+
+@pytest.mark.parametrize("method", ["hap", "michel"])
+def test_sensitivity_on_heads_needs_no_attention_switch(method):
+    """The user passes a model in its default (fused) attention: the engine switches to eager itself and
+    restores the setting after."""
+    model = make_model("bert")
+    before = [c._attn_implementation for c in [model.config]]
+    batches = [make_batch(s) for s in range(2)]
+    sens = hap.sensitivity(model, loss_fn, batches, units="heads", method=method, max_samples=8, progress=False)
+    assert len(sens.units) == len(hap.head_units(model)) and sens.method == method
+    assert all(u.unit.kind == "head" for u in sens.units)
+    assert [c._attn_implementation for c in [model.config]] == before

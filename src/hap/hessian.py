@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ._reduce import UnitReducer
 from ._utils import call_model, eval_mode
 from .groups import Unit
+from .heads import eager_attention
 
 __all__ = [
     "TraceEstimate",
@@ -419,7 +420,9 @@ def estimate_traces(
     product = 0
     dtype = next(iter(params.values())).dtype
     bar = tqdm(total=max_samples, desc=f"curvature ({curvature})", disable=not progress, leave=False)
-    with eval_mode(model):
+    # Fused attention kernels have no second derivative on CPU: Hugging Face models switch to eager
+    # attention for the estimate and back after, without the caller having to know.
+    with eval_mode(model), eager_attention(model):
         while samples < max_samples:
             b_i = visits % len(data)
             batch = data[b_i]

@@ -9,6 +9,7 @@ the unit slicing of HAP (``scope`` included), so a comparison changes only the s
 - ``obd``: Optimal Brain Damage with the empirical Fisher diagonal, ``1/2 sum_u w^2 E[g^2]``, where the
   expectation is over *examples* (per-example gradients under the true labels), not the square of a
   batch-mean gradient, which would be biased low by a factor of the batch size.
+- ``michel``: for attention heads, Michel et al. (2019), ``|dL/dgate_h|`` per-layer L2-normalised.
 - ``random``: seeded uniform noise (the floor every criterion must clear).
 """
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ._reduce import UnitReducer
+from .heads import eager_attention, michel_scores
 from .hessian import call_model, check_loss, eval_mode, per_example_grads
 
 __all__ = ["magnitude_l1", "magnitude_l2", "taylor", "obd", "random_scores", "BASELINES"]
@@ -69,7 +71,7 @@ def obd(
 ) -> np.ndarray:
     sq = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     count = 0
-    with eval_mode(model):
+    with eval_mode(model), eager_attention(model):
         for b_i, (x, y) in enumerate(data):
             with torch.no_grad():
                 check_loss(loss_fn(call_model(model, x), y), b_i)
@@ -84,7 +86,22 @@ def random_scores(params: Mapping[str, torch.Tensor], reducer: UnitReducer, *, s
     return np.random.default_rng(seed).random(reducer.num_units)
 
 
+def michel(
+    params: Mapping[str, torch.Tensor],
+    reducer: UnitReducer,
+    *,
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Sequence[tuple[Any, Any]],
+    units: Sequence[Any],
+    **_: Any,
+) -> np.ndarray:
+    """Michel et al. (2019) head importance: |dL/dgate_h|, L2-normalised per layer (head units only)."""
+    return michel_scores(model, loss_fn, data, units)
+
+
 BASELINES: dict[str, Callable[..., np.ndarray]] = {
+    "michel": michel,
     "l1": magnitude_l1,
     "magnitude": magnitude_l1,
     "l2": magnitude_l2,

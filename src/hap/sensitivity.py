@@ -31,7 +31,7 @@ from .scores import BASELINES
 __all__ = ["UnitSensitivity", "Sensitivity", "sensitivity", "model_signature", "METHODS"]
 
 FORMAT_VERSION = 1
-METHODS = ("hap", "l1", "magnitude", "l2", "taylor", "obd", "random")
+METHODS = ("hap", "l1", "magnitude", "l2", "taylor", "obd", "michel", "random")
 
 
 def model_signature(model: nn.Module) -> str:
@@ -272,7 +272,7 @@ def sensitivity(
         units: ``"channels"`` (dependency groups traced on the first batch), ``"heads"`` (attention
             heads, transformers), or a list of units from :func:`hap.channel_groups`.
         method: ``"hap"`` or a baseline: ``"l1"``/``"magnitude"``, ``"l2"``, ``"taylor"``, ``"obd"``,
-            ``"random"``.
+            ``"michel"`` (heads only), ``"random"``.
         max_samples, min_samples, tol, stability, samples_per_batch, max_batches, probe, partitions,
         vectors_per_product, curvature, backend, max_seconds: See :func:`hap.hessian.estimate_traces`.
         scope: ``"all"`` slices removed with a unit enter its score, or only the ``"producer"``'s.
@@ -354,8 +354,8 @@ def sensitivity(
         )
     else:
         fn = BASELINES[method]
-        scores = fn(params, reducer, model=model, loss_fn=loss_fn, data=data, seed=seed)
-        batches_used = len(data) if method in ("taylor", "obd") else 0
+        scores = fn(params, reducer, model=model, loss_fn=loss_fn, data=data, seed=seed, units=unit_list)
+        batches_used = len(data) if method in ("taylor", "obd", "michel") else 0
         samples = batches_used
     out_units = [
         UnitSensitivity(
@@ -393,12 +393,8 @@ def _resolve_units(
         if units == "channels":
             return flatten_units(channel_groups(model, _first_inputs(data), exclude=exclude))
         if units == "heads":
-            try:
-                from .heads import head_units  # type: ignore[attr-defined]
-            except ImportError as e:
-                raise NotImplementedError(
-                    "units='heads' needs hap.heads (attention-head units), which this version lacks"
-                ) from e
+            from .heads import head_units
+
             return head_units(model)
         raise ValueError(f"units must be 'channels', 'heads' or a list of units, got {units!r}")
     unit_list = list(units)
