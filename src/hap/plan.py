@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._utils import atomic_write_text
 from .implant import IMPLANT_KINDS, implant_unsupported_reason, lowrank_rank
-from .metrics import ModelCost, measure
+from .metrics import ModelCost, _count_macs_disposable, count_params, measure
 from .sensitivity import Sensitivity, model_signature
 from .surgery import apply_groups
 
@@ -64,7 +64,7 @@ class Target:
         flops: Fraction of MACs per example removed, for the planner's ``example_inputs`` size.
         channels: Fraction of prunable channels removed or implanted (the reference code's
             "pruning ratio"; implanted channels count as pruned, as there).
-        heads: Fraction of attention heads removed (planned by :mod:`hap.heads`).
+        heads: Fraction of attention heads removed (units from ``hap.sensitivity(..., units="heads")``).
     """
 
     params: float | None = None
@@ -217,9 +217,13 @@ class PruningPlan:
 
     @property
     def channels_removed(self) -> float:
-        """Fraction of the groups' channels removed or implanted (the reference's pruning ratio)."""
-        total = sum(g.size for g in self.groups)
-        return sum(len(g.removed) + len(g.implanted) for g in self.groups) / max(1, total)
+        """Fraction of the channel groups' channels removed or implanted (the reference's pruning ratio)."""
+        return _pruned_share(self.groups, "channel")
+
+    @property
+    def heads_removed(self) -> float:
+        """Fraction of attention heads removed."""
+        return _pruned_share(self.groups, "head")
 
     def achieved_fraction(self, kind: str | None = None) -> float:
         """The achieved value of ``kind`` (default: the target's) as a fraction removed."""
@@ -228,8 +232,10 @@ class PruningPlan:
             return self.params_removed
         if kind == "flops":
             return self.macs_removed
-        if kind in ("channels", "heads"):
+        if kind == "channels":
             return self.channels_removed
+        if kind == "heads":
+            return self.heads_removed
         raise ValueError(f"unknown target kind {kind!r}")
 
     def example_inputs(self) -> Any:
@@ -243,10 +249,15 @@ class PruningPlan:
             rows.append(
                 f"{g.name:<32} {g.size:>5} {len(g.kept):>5} {len(g.implanted):>5} {len(g.removed):>5}  {g.note}"
             )
+        shares = "".join(
+            f", {k} {_pruned_share(self.groups, kind):.4f}"
+            for k, kind in (("channels", "channel"), ("heads", "head"))
+            if any(g.kind == kind for g in self.groups)
+        )
         rows.append(
-            f"target {self.target}; removed params {self.params_removed:.4f}, MACs {self.macs_removed:.4f}, "
-            f"channels {self.channels_removed:.4f} ({self.base['params']} -> {self.achieved['params']} params, "
-            f"{self.base['macs']} -> {self.achieved['macs']} MACs)"
+            f"target {self.target}; removed params {self.params_removed:.4f}, MACs {self.macs_removed:.4f}{shares} "
+            f"({self.base['params']} -> {self.achieved['params']} params, "
+            f"{self.base['macs']} -> {self.achieved['macs']} MACs per example)"
         )
         return "\n".join(rows)
 
@@ -325,6 +336,11 @@ class PruningPlan:
             raise ValueError(f"'{p}' is not a valid plan (not UTF-8 text): re-create it with hap.plan") from e
 
 
+def _pruned_share(groups: Sequence[GroupPlan], kind: str) -> float:
+    total = sum(g.size for g in groups if g.kind == kind)
+    return sum(len(g.removed) + len(g.implanted) for g in groups if g.kind == kind) / max(1, total)
+
+
 # ----------------------------------------------------------------------------------------------------
 # example inputs as data
 
@@ -394,6 +410,7 @@ class _Group:
     kernel_numel: int = 1
     in_channels: int = 0
     pointwise_ok: bool = False  # a lowrank group too expensive for rank 1 falls back to pointwise
+    unit_kind: str = "channel"
     # channels of this group's root fed by channel i of group h: {(h, i): count}
     inputs_from: dict[tuple[int, int], int] = field(default_factory=dict)
 
@@ -465,8 +482,6 @@ def plan(
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if not 0.0 < tol < 0.5:
         raise ValueError(f"tol must be in (0, 0.5), got {tol}")
-    if target.kind == "heads":
-        raise NotImplementedError("Target(heads=...) is planned by hap.heads; hap.plan handles channel units")
     sensitivity.ranking_scores(sign)  # validates ``sign`` before any work
     sensitivity.check_model(model)
     if example_inputs is None:
@@ -524,25 +539,22 @@ def _plan(
     sizes = np.array([len(u) for u in units_by_group])
     base = measure(model, inputs)
 
-    # nested candidate sets: step s -> number of candidates per group
-    if allocation == "global":
-        entries = sorted(
-            (float(scores_all[units_by_group[gi][c]]), gi, c) for gi, g in enumerate(groups) for c in g.order[: g.cap]
-        )
-        step_group = np.array([gi for _, gi, _ in entries], dtype=np.int64)
-        n_steps = len(entries)
+    # Nested candidate sets, one unit more per step: step s prunes the first s units of one sequence.
+    # "global" orders all units by score; "uniform" by the ratio a unit's group reaches when it goes
+    # (the j-th least sensitive of n goes at ratio j/n), then by score, so every prefix keeps all
+    # groups within one unit of the same ratio while the search can still stop between ratios.
+    def key(gi: int, j: int) -> tuple[float, ...]:
+        score = float(scores_all[units_by_group[gi][groups[gi].order[j]]])
+        if allocation == "global":
+            return (score, gi, j)
+        return ((j + 1) / sizes[gi], score, gi)
 
-        def counts_at(s: int) -> np.ndarray:
-            return np.bincount(step_group[:s], minlength=len(groups))
+    entries = sorted((key(gi, j), gi) for gi, g in enumerate(groups) for j in range(g.cap))
+    step_group = np.array([gi for _, gi in entries], dtype=np.int64)
+    n_steps = len(entries)
 
-    else:
-        ratios = sorted({j / len(units_by_group[gi]) for gi, g in enumerate(groups) for j in range(1, g.cap + 1)})
-        caps = np.array([g.cap for g in groups])
-        n_steps = len(ratios)
-
-        def counts_at(s: int) -> np.ndarray:
-            rho = ratios[s - 1] if s > 0 else 0.0
-            return np.minimum(caps, np.floor(rho * sizes + 1e-9).astype(np.int64))
+    def counts_at(s: int) -> np.ndarray:
+        return np.bincount(step_group[:s], minlength=len(groups))
 
     if n_steps == 0:
         raise PlanError(
@@ -551,24 +563,30 @@ def _plan(
 
     cache: dict[int, tuple[float, list[GroupPlan]]] = {0: (0.0, [])}
     built: dict[int, tuple[ModelCost, str]] = {}
-    n_total = int(sizes.sum())
+    count_kind = {"channels": "channel", "heads": "head"}.get(target.kind)
+    if count_kind and not any(g.unit_kind == count_kind for g in groups):
+        raise ValueError(
+            f"Target({target.kind}=...) needs {count_kind} units, but the sensitivity has none: compute it with "
+            f"units={'channels' if count_kind == 'channel' else 'heads'!r} or use Target(params=...)"
+        )
 
-    def build(s: int) -> tuple[ModelCost, str]:
-        """Prune a copy as step ``s`` says and measure it."""
-        if s not in built:
+    def build(s: int, macs: bool = True) -> tuple[ModelCost, str]:
+        """Prune a copy as step ``s`` says and measure it (MACs = -1 when not asked for)."""
+        if s not in built or (macs and built[s][0].macs < 0):
             pruned = copy.deepcopy(model)
             apply_groups(pruned, cache[s][1], inputs)
-            built[s] = (measure(pruned, inputs), model_signature(pruned))
+            n_macs = _count_macs_disposable(pruned, inputs) if macs else -1
+            built[s] = (ModelCost(count_params(pruned), n_macs), model_signature(pruned))
         return built[s]
 
     def evaluate(s: int) -> float:
         if s not in cache:
             gps = _materialize(groups, units_by_group, counts_at(s), implant, implant_fraction, implant_cost, round_to)
             cache[s] = (0.0, gps)
-            if target.kind == "channels":
-                frac = sum(len(g.removed) + len(g.implanted) for g in gps) / n_total
+            if count_kind:
+                frac = _pruned_share(gps, count_kind)
             else:
-                cost = build(s)[0]
+                cost = build(s, macs=target.kind == "flops")[0]
                 frac = 1.0 - (cost.params / base.params if target.kind == "params" else cost.macs / max(1, base.macs))
             cache[s] = (frac, gps)
         return cache[s][0]
@@ -661,11 +679,11 @@ def _prepare_groups(
     """Per group: units (positions into ``sens.units``) by channel, ranking order, limits, implantability."""
     named = dict(model.named_modules())
     by_group: dict[str, dict[int, int]] = {}
+    kinds: dict[str, str] = {}
     for pos, u in enumerate(sens.units):
-        if u.unit.kind != "channel":
-            raise ValueError(
-                f"unit {u.unit.name} is a {u.unit.kind!r} unit: hap.plan plans channels; plan heads with hap.heads"
-            )
+        if u.unit.kind not in ("channel", "head"):
+            raise ValueError(f"unit {u.unit.name} is a {u.unit.kind!r} unit: hap.plan plans channels and heads")
+        kinds[u.group] = u.unit.kind
         by_group.setdefault(u.group, {})
         if u.index in by_group[u.group]:
             raise ValueError(f"the sensitivity lists unit {u.unit.name} twice: recompute it")
@@ -688,10 +706,15 @@ def _prepare_groups(
         cap = 0 if frozen else min(size - 1, math.floor(max_layer_ratio * size + 1e-9))
         order = sorted(range(size), key=lambda c, units=units: (float(scores[units[c]]), c))
         note = f"excluded ({', '.join(sorted(frozen))})" if frozen else ""
-        kind, why = (None, "") if implant is None else _implant_kind(named, name, sens, units, implant)
-        if implant is not None and kind is None and not note:
+        if kinds[name] == "head":
+            kind, why = None, ""  # heads are removed outright: there is no cheaper head to implant
+        elif implant is None:
+            kind, why = None, ""
+        else:
+            kind, why = _implant_kind(named, name, sens, units, implant)
+        if implant is not None and kind is None and why and not note:
             note = f"no implant: {why}"
-        g = _Group(name, order, cap, kind, note)
+        g = _Group(name, order, cap, kind, note, unit_kind=kinds[name])
         root = named[name]
         if kind is not None:
             g.kernel_numel = math.prod(root.kernel_size)
@@ -743,18 +766,18 @@ def _materialize(
 ) -> list[GroupPlan]:
     """Group plans for ``counts[g]`` pruned candidates per group (rounding, implant split, ranks)."""
     cands: list[int] = []
+    n_imp: list[int] = []
     for g, c in zip(groups, counts, strict=True):
         size = len(g.order)
         c = int(c)
+        k = math.floor(implant_fraction * c + 0.5) if (implant is not None and g.kind is not None) else 0
         if c > 0 and round_to > 1:
-            width = size - c
-            width = min(size, math.ceil(width / round_to) * round_to)
-            c = size - width
+            # the layer's output width (kept + implanted) is what the consumers see: round it up by
+            # removing fewer (the most sensitive of the removed stay)
+            width = min(size, math.ceil((size - (c - k)) / round_to) * round_to)
+            c = size - width + k
         cands.append(c)
-    n_imp = [
-        math.floor(implant_fraction * c + 0.5) if (implant is not None and g.kind is not None) else 0
-        for g, c in zip(groups, cands, strict=True)
-    ]
+        n_imp.append(k)
     removed_sets = [set(g.order[: c - k]) for g, c, k in zip(groups, cands, n_imp, strict=True)]
     out = []
     for g, c, k in zip(groups, cands, n_imp, strict=True):
@@ -771,5 +794,6 @@ def _materialize(
         removed = sorted(g.order[: c - k])
         implanted = sorted(g.order[c - k : c])
         kept = sorted(g.order[c:])
-        out.append(GroupPlan(g.name, len(g.order), kept, implanted, removed, kind if implanted else None, rank, note))
+        kind = kind if implanted else None
+        out.append(GroupPlan(g.name, len(g.order), kept, implanted, removed, kind, rank, note, g.unit_kind))
     return out

@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._utils import eval_mode
 from .groups import build_dependency_graph
+from .heads import prune_heads
 from .implant import implant_unsupported_reason, implanted_conv, slice_conv
 from .sensitivity import model_signature
 
@@ -83,8 +84,11 @@ def prune(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, layout:
 
 def apply_groups(model: nn.Module, groups: Sequence[GroupPlan], example_inputs: Any, layout: str = "concat") -> None:
     """Prune ``model`` in place as ``groups`` say (the surgery behind :func:`prune`; no signature check)."""
+    heads = {g.name: sorted(g.removed) for g in groups if g.kind == "head" and g.removed}
+    groups = [g for g in groups if g.kind == "channel"]
     with eval_mode(model):
         named = dict(model.named_modules())
+        dg = None
         if any(g.removed for g in groups):
             dg = build_dependency_graph(model, example_inputs)
             for g in groups:
@@ -92,6 +96,11 @@ def apply_groups(model: nn.Module, groups: Sequence[GroupPlan], example_inputs: 
                     root = named[g.name]
                     fn = dg.get_pruner_of_module(root).prune_out_channels
                     dg.get_pruning_group(root, fn, sorted(g.removed)).prune()
+        if heads:
+            # attention heads: their own slicing (hap.heads); Torch-Pruning does not know heads
+            prune_heads(model, heads)
+            named = dict(model.named_modules())
+            dg = None
         implanted = [g for g in groups if g.implanted]
         if not implanted:
             return
@@ -99,16 +108,20 @@ def apply_groups(model: nn.Module, groups: Sequence[GroupPlan], example_inputs: 
             reason = implant_unsupported_reason(named[g.name], g.implant or "pointwise")
             if reason is not None:
                 raise ValueError(f"the plan implants channels of '{g.name}' but {reason}: plan with implant=None")
-        dg = build_dependency_graph(model, example_inputs)
+        if dg is None:  # Torch-Pruning keeps its graph valid through its own pruning: reuse it
+            dg = build_dependency_graph(model, example_inputs)
         orders = {}
+        items = {}
+        names = {m: k for k, m in named.items()}
         for g in implanted:
             remaining = sorted([*g.kept, *g.implanted])
             pos = {c: i for i, c in enumerate(remaining)}
             orders[g.name] = [pos[c] for c in sorted(g.kept)] + [pos[c] for c in sorted(g.implanted)]
-            _check_implantable_group(dg, model, named[g.name], g.name, len(remaining))
+            items[g.name] = _group_items(dg, named[g.name], len(remaining))
+            _check_implantable_group(dg, names, items[g.name], named[g.name], g.name)
         if layout == "concat":
             for g in implanted:
-                _permute_group(dg, named[g.name], orders[g.name])
+                _permute_group(dg, items[g.name], orders[g.name])
         for g in implanted:
             root = named[g.name]
             n_kept = len(g.kept)
@@ -133,10 +146,11 @@ def _group_items(dg: Any, root: nn.Module, n: int) -> list[Any]:
     return list(dg.get_pruning_group(root, fn, list(range(n))).items)
 
 
-def _check_implantable_group(dg: Any, model: nn.Module, root: nn.Module, name: str, n: int) -> None:
+def _check_implantable_group(
+    dg: Any, names: dict[nn.Module, str], items: list[Any], root: nn.Module, name: str
+) -> None:
     """Refuse groups whose channel order cannot be permuted safely (see the module docstring)."""
-    names = {m: k for k, m in model.named_modules()}
-    for item in _group_items(dg, root, n):
+    for item in items:
         module = item.dep.target.module
         if module is root or module not in names:
             continue  # the root itself, or a parameter-free op of the traced graph (relu, cat, add, flatten)
@@ -163,10 +177,10 @@ def _check_implantable_group(dg: Any, model: nn.Module, root: nn.Module, name: s
             )
 
 
-def _permute_group(dg: Any, root: nn.Module, order: list[int]) -> None:
-    """Reorder the channels of ``root``'s group: new channel ``q`` is old channel ``order[q]``."""
+def _permute_group(dg: Any, items: list[Any], order: list[int]) -> None:
+    """Reorder the channels of a group (its ``items``): new channel ``q`` is old channel ``order[q]``."""
     n = len(order)
-    for item in _group_items(dg, root, n):
+    for item in items:
         module = item.dep.target.module
         if not _has_state(module):
             continue  # a parameter-free op of the traced graph
@@ -175,15 +189,15 @@ def _permute_group(dg: Any, root: nn.Module, order: list[int]) -> None:
             blocks.setdefault(int(r), []).append(int(idx))
         if sorted(blocks) != list(range(n)):
             raise ValueError(f"cannot reorder the channels of {type(module).__name__}: its index map is partial")
+        if len({len(b) for b in blocks.values()}) != 1:
+            raise ValueError(f"cannot reorder channels of {type(module).__name__}: uneven index blocks")
+        # block q holds the positions channel q occupies in this tensor (one, or several behind a flatten)
+        table = torch.tensor([sorted(blocks[q]) for q in range(n)], dtype=torch.long)
         is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
         for pname, dim in _channel_dims(module, is_out):
             t = getattr(module, pname)
             perm = torch.arange(t.shape[dim])
-            for q in range(n):
-                dst, src = sorted(blocks[q]), sorted(blocks[order[q]])
-                if len(dst) != len(src):
-                    raise ValueError(f"cannot reorder channels of {type(module).__name__}: uneven index blocks")
-                perm[dst] = torch.tensor(src)
+            perm[table.reshape(-1)] = table[torch.tensor(order)].reshape(-1)
             with torch.no_grad():
                 t.data = t.data.index_select(dim, perm.to(t.device)).contiguous()
 
