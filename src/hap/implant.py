@@ -302,12 +302,15 @@ def calibrate(
     For each :class:`ImplantedConv` with a 1 x 1 implant at name ``m``, the inputs ``X`` it sees in the
     *pruned* model and the outputs ``Y`` of the implanted channels of ``original``'s conv ``m`` are
     collected over ``batches``; the implant's weights and bias become the ridge solution of
-    ``Y ~ W X + b`` at the strided positions the 1 x 1 conv reads. Both models must be in the same
-    channel layout as the plan produced them, i.e. ``pruned = hap.prune(original, plan)``.
+    ``Y ~ W X + b`` at the strided positions the 1 x 1 conv reads. Layers are fitted one after the other
+    in the order the forward pass reaches them, each on inputs produced by the already-fitted layers
+    before it, so errors are corrected rather than compounded. Both models must share layer names, i.e.
+    ``pruned = hap.prune(original, plan)``.
 
     Args:
         pruned: The pruned model (modified in place).
-        original: The unpruned model the plan was made on (read only).
+        original: The model whose outputs the implants should reproduce, usually the unpruned one the
+            plan was made on (read only).
         plan: The :class:`hap.PruningPlan` that made ``pruned`` from ``original``.
         batches: Inputs, or ``(inputs, targets)`` pairs.
         ridge: Tikhonov weight relative to the mean diagonal of ``X^T X``: keeps the solve stable when
@@ -316,70 +319,96 @@ def calibrate(
 
     Returns:
         Relative residual ``||Y - W X - b|| / ||Y||`` per calibrated layer.
+
+    Raises:
+        ValueError: ``batches`` is empty.
     """
-    plan_info = {g.name: sorted(g.implanted) for g in plan.groups if g.implanted}
     named_p = dict(pruned.named_modules())
     named_o = dict(original.named_modules())
     layers = {
-        name: rows for name, rows in plan_info.items()
-        if isinstance(named_p.get(name), ImplantedConv) and not isinstance(named_p[name].implant, nn.Sequential)
+        g.name: sorted(g.implanted)
+        for g in plan.groups
+        if g.implanted
+        and isinstance(named_p.get(g.name), ImplantedConv)
+        and not isinstance(named_p[g.name].implant, nn.Sequential)
     }
     if not layers:
         return {}
-    xs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    inputs = []
+    for i, b in enumerate(batches):
+        if i >= max_batches:
+            break
+        inputs.append(b[0] if isinstance(b, tuple | list) and len(b) == 2 else b)
+    if not inputs:
+        raise ValueError("batches is empty: calibrate needs at least one batch of inputs")
+
+    # targets, and the order in which the forward pass reaches the layers
     ys: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    order: list[str] = []
     hooks = []
-
-    def grab_x(name: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
-            pw = mod.implant
-            x = inp[0]
-            if any(pw.padding):
-                x = nn.functional.pad(x, [q for p in reversed(pw.padding) for q in (p, p)])
-            sl = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in pw.stride)
-            xs[name].append(x[sl].movedim(1, -1).reshape(-1, x.shape[1]).double())
-
-        return hook
-
-    def grab_y(name: str) -> Callable[..., None]:
-        rows = torch.tensor(layers[name], dtype=torch.long)
-
-        def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
-            y = out.index_select(1, rows)
-            ys[name].append(y.movedim(1, -1).reshape(-1, y.shape[1]).double())
-
-        return hook
-
-    for name in layers:
-        hooks.append(named_p[name].register_forward_pre_hook(grab_x(name)))
-        hooks.append(named_o[name].register_forward_hook(grab_y(name)))
+    for name, rows in layers.items():
+        hooks.append(named_o[name].register_forward_hook(_grab_y(ys[name], torch.tensor(rows, dtype=torch.long))))
+        hooks.append(named_p[name].register_forward_pre_hook(_note(order, name)))
     try:
         with eval_mode(pruned), eval_mode(original), torch.no_grad():
-            for i, b in enumerate(batches):
-                if i >= max_batches:
-                    break
-                inputs = b[0] if isinstance(b, tuple | list) and len(b) == 2 else b
-                call_model(pruned, inputs)
-                call_model(original, inputs)
+            call_model(original, inputs[0])
+            for x in inputs[1:]:
+                call_model(original, x)
+            call_model(pruned, inputs[0])
     finally:
         for h in hooks:
             h.remove()
+
     residuals = {}
-    for name in layers:
-        if not xs[name]:
-            raise ValueError("batches is empty: calibrate needs at least one batch of inputs")
-        x = torch.cat(xs[name])
-        y = torch.cat(ys[name])
+    for name in order:
         pw = named_p[name].implant
+        xs: list[torch.Tensor] = []
+        h = named_p[name].register_forward_pre_hook(_grab_x(xs, pw))
+        try:
+            with eval_mode(pruned), torch.no_grad():
+                for x_in in inputs:
+                    call_model(pruned, x_in)
+        finally:
+            h.remove()
+        x = torch.cat(xs)
+        y = torch.cat(ys[name])
         if pw.bias is not None:
             x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
         gram = x.T @ x
         lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
         sol = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x.T @ y)  # [C(+1), n]
         with torch.no_grad():
-            w = sol[: pw.in_channels].T
-            pw.weight.copy_(w.reshape(pw.weight.shape).to(pw.weight.dtype))
+            pw.weight.copy_(sol[: pw.in_channels].T.reshape(pw.weight.shape).to(pw.weight.dtype))
             if pw.bias is not None:
                 pw.bias.copy_(sol[-1].to(pw.bias.dtype))
         residuals[name] = float((y - x @ sol).norm() / y.norm().clamp_min(1e-12))
     return residuals
+
+
+def _note(order: list[str], name: str) -> Callable[..., None]:
+    def hook(mod: nn.Module, inp: Any) -> None:
+        if name not in order:
+            order.append(name)
+
+    return hook
+
+
+def _grab_y(out: list[torch.Tensor], rows: torch.Tensor) -> Callable[..., None]:
+    def hook(mod: nn.Module, inp: Any, y: torch.Tensor) -> None:
+        y = y.index_select(1, rows)
+        out.append(y.movedim(1, -1).reshape(-1, len(rows)).double())
+
+    return hook
+
+
+def _grab_x(out: list[torch.Tensor], pw: nn.Module) -> Callable[..., None]:
+    """Inputs at the positions the 1x1 conv ``pw`` reads (its padding and stride applied)."""
+
+    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+        x = inp[0]
+        if any(pw.padding):
+            x = nn.functional.pad(x, [q for p in reversed(pw.padding) for q in (p, p)])
+        sl = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in pw.stride)
+        out.append(x[sl].movedim(1, -1).reshape(-1, x.shape[1]).double())
+
+    return hook
