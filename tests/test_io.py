@@ -15,7 +15,6 @@ from hap.implant import ImplantedConv
 
 from ._plan_helpers import example, one_thread, randomize, scores  # noqa: F401
 
-
 _CACHE: dict[tuple, tuple] = {}
 
 
