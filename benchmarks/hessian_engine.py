@@ -32,8 +32,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hap  # noqa: E402
+import hap.data  # noqa: E402
+import hap.models  # noqa: E402
 from _common import OUT, dense_resnet, machine  # noqa: E402
 from hap._reduce import UnitReducer  # noqa: E402
+from hap.finetune import load_weights  # noqa: E402
 from hap.hessian import _HVP, _rademacher, estimate_traces  # noqa: E402
 
 VARIANTS = {
@@ -46,8 +49,14 @@ VARIANTS = {
 }
 
 
-def _setup(epochs: int, n_batches: int, batch: int = 128):
-    model, data, summary = dense_resnet("resnet20", epochs=epochs, progress=False)
+def _setup(epochs: int, n_batches: int, batch: int = 128, checkpoint: str | None = None):
+    if checkpoint is not None:  # any ResNet-20 weights, e.g. a run still training (for a quick look)
+        data = hap.data.load("fashion-mnist", seed=0)
+        model = hap.models.create("resnet20", num_classes=10, in_channels=1)
+        load_weights(model, checkpoint)
+        summary = {"best_val_acc": float("nan"), "checkpoint": checkpoint}
+    else:
+        model, data, summary = dense_resnet("resnet20", epochs=epochs, progress=False)
     gen = torch.Generator().manual_seed(0)
     batches = []
     for i, b in enumerate(data.loader("train", batch, shuffle=True, generator=gen)):
@@ -82,13 +91,18 @@ def cost_per_sample(model, batches, units, repeats: int, per_batch: int) -> dict
         loss = F.cross_entropy(model(x), y)
         torch.autograd.grad(loss, list(params.values()))
 
-    def engine(backend: str):
+    def engine(backend: str, k: int = 1):
         def run():
             hvp = _HVP(model, F.cross_entropy, params, (x, y), 0, backend)
-            for _ in range(per_batch):
-                v = {n: _rademacher(s, gen, torch.float32) for n, s in shapes.items()}
-                hv = hvp(v, batched=False)
-                reducer({n: v[n] * hv[n] for n in names})
+            for _ in range(per_batch // k):
+                if k == 1:
+                    v = {n: _rademacher(s, gen, torch.float32) for n, s in shapes.items()}
+                    hv = hvp(v, batched=False)
+                    reducer({n: v[n] * hv[n] for n in names})
+                else:
+                    v = {n: _rademacher(torch.Size((k, *s)), gen, torch.float32) for n, s in shapes.items()}
+                    hv = hvp(v, batched=True)
+                    reducer({n: v[n] * hv[n] for n in names}, batched=True)
 
         return run
 
@@ -96,23 +110,41 @@ def cost_per_sample(model, batches, units, repeats: int, per_batch: int) -> dict
     for n in names:
         layers.setdefault(n.rsplit(".", 1)[0], []).append(n)
 
-    def per_layer():
-        loss = F.cross_entropy(model(x), y)
-        # PyHessian-style: first-order graph once, then per layer an HVP w.r.t. that layer only
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-        gmap = dict(zip(names, grads, strict=True))
-        for _ in range(per_batch):
-            for lnames in layers.values():
-                v = [_rademacher(shapes[n], gen, torch.float32) for n in lnames]
-                hv = torch.autograd.grad([gmap[n] for n in lnames], [params[n] for n in lnames], grad_outputs=v,
-                                         retain_graph=True)
-                reducer({n: vi * h for n, vi, h in zip(lnames, v, hv, strict=True)})
+    def per_layer(full: bool):
+        """One HVP per layer per sample on the same first-order graph. ``full``: as PyHessian's
+        ``hessian_vector_product`` does, differentiate w.r.t. all parameters with the vector zero outside
+        the layer; otherwise only w.r.t. the layer's own parameters (a cheaper variant PyHessian lacks)."""
+
+        def run():
+            loss = F.cross_entropy(model(x), y)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            gmap = dict(zip(names, grads, strict=True))
+            for _ in range(per_batch):
+                for lnames in layers.values():
+                    if full:
+                        v = {n: torch.zeros(shapes[n]) for n in names}
+                        for n in lnames:
+                            v[n] = _rademacher(shapes[n], gen, torch.float32)
+                        hv = torch.autograd.grad(grads, list(params.values()), grad_outputs=[v[n] for n in names],
+                                                 retain_graph=True)
+                        hv = dict(zip(names, hv, strict=True))
+                        reducer({n: v[n] * hv[n] for n in lnames})
+                    else:
+                        v = [_rademacher(shapes[n], gen, torch.float32) for n in lnames]
+                        hv = torch.autograd.grad([gmap[n] for n in lnames], [params[n] for n in lnames],
+                                                 grad_outputs=v, retain_graph=True)
+                        reducer({n: vi * h for n, vi, h in zip(lnames, v, hv, strict=True)})
+
+        return run
 
     t_grad = _time(grad_only, repeats)
     t_a = _time(engine("double_backward"), repeats) / per_batch
+    t_a4 = _time(engine("double_backward", k=4), repeats) / per_batch
     t_a_f = _time(engine("functorch"), max(1, repeats // 2)) / per_batch
-    t_b = _time(per_layer, max(1, repeats // 2)) / per_batch
-    return {"grad_s": t_grad, "engine_s": t_a, "engine_functorch_s": t_a_f, "per_layer_s": t_b,
+    t_b = _time(per_layer(full=True), 1) / per_batch
+    t_b_own = _time(per_layer(full=False), 1) / per_batch
+    return {"grad_s": t_grad, "engine_s": t_a, "engine_batched4_s": t_a4, "engine_functorch_s": t_a_f,
+            "per_layer_s": t_b, "per_layer_own_params_s": t_b_own,
             "layers": len(layers), "units": len(units), "params_in_units": sum(p.numel() for p in params.values())}
 
 
@@ -135,8 +167,35 @@ def stability(model, batches, units, variant: dict, budget: float, seed: int) ->
             "split_half_at": at, "negative_fraction": neg, "median_rel_se": est.median_rel_se}
 
 
-def peak_memory(variant: str, epochs: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--epochs", str(epochs), "--only-memory", variant],
+class _RssSampler:
+    """Peak resident memory above the level at entry, sampled every 5 ms from /proc (ru_maxrss cannot
+    separate the estimate's peak from the data loading that came before it)."""
+
+    def __enter__(self):
+        import threading
+
+        self.base_mb = self.peak_mb = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    @staticmethod
+    def _rss() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak_mb = max(self.peak_mb, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def peak_memory(variant: str, epochs: int, checkpoint: str | None) -> float:
+    extra = ["--checkpoint", checkpoint] if checkpoint else []
+    out = subprocess.run([sys.executable, __file__, "--epochs", str(epochs), "--only-memory", variant, *extra],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -148,16 +207,19 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--checkpoint", default=None, help="use these ResNet-20 weights instead of the cached model")
     ap.add_argument("--only-memory", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, data, summary, batches, units = _setup(a.epochs, a.batches)
+    model, data, summary, batches, units = _setup(a.epochs, a.batches, checkpoint=a.checkpoint)
     if a.only_memory is not None:
-        stability(model, batches, units, VARIANTS[a.only_memory], budget=10.0, seed=0)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        with _RssSampler() as rss:
+            stability(model, batches, units, VARIANTS[a.only_memory], budget=10.0, seed=0)
+        print(rss.peak_mb - rss.base_mb)
         return
     print(f"machine: {machine()}")
-    print(f"model: resnet20 on Fashion-MNIST, {a.epochs} epochs, val acc {summary['best_val_acc']:.4f}; "
+    what = a.checkpoint or f"{a.epochs} epochs"
+    print(f"model: resnet20 on Fashion-MNIST ({what}), val acc {summary['best_val_acc']:.4f}; "
           f"{len(units)} channel units, batch 128")
     c = cost_per_sample(model, batches, units, a.repeats, per_batch=8)
     print("\n== cost of one Hutchinson sample (8 samples per batch visit, median of repeats) ==")
@@ -166,16 +228,20 @@ def main() -> None:
           f"(a)/(c) = {c['engine_s'] / c['grad_s']:.2f}")
     print(f"(a') engine, functorch jvp(grad)   {c['engine_functorch_s'] * 1e3:8.1f} ms   (a')/(c) = "
           f"{c['engine_functorch_s'] / c['grad_s']:.2f}")
-    print(f"(b) per-layer loop ({c['layers']} layers)    {c['per_layer_s'] * 1e3:8.1f} ms   (b)/(a) = "
+    print(f"(a4) engine, 4 vectors batched     {c['engine_batched4_s'] * 1e3:8.1f} ms   (a4)/(c) = "
+          f"{c['engine_batched4_s'] / c['grad_s']:.2f}")
+    print(f"(b) per-layer loop, PyHessian-style ({c['layers']} layers) {c['per_layer_s'] * 1e3:8.1f} ms   (b)/(a) = "
           f"{c['per_layer_s'] / c['engine_s']:.1f}  (goal >= {0.8 * c['layers']:.1f})")
+    print(f"(b') per-layer loop, HVP w.r.t. the layer only  {c['per_layer_own_params_s'] * 1e3:8.1f} ms   (b')/(a) = "
+          f"{c['per_layer_own_params_s'] / c['engine_s']:.1f}")
     rows = {}
     print(f"\n== split-half rank stability of the unit scores vs wall time ({a.budget:.0f} s per variant, "
           f"{a.seeds} seeds) ==")
     print(f"{'variant':40s} {'samples':>8s} " + " ".join(f"{'@' + k:>9s}" for k in ("25%", "50%", "100%"))
-          + f" {'neg.tr':>7s} {'peakMB':>7s}")
+          + f" {'neg.tr':>7s} {'+MB':>7s}")
     for name, v in VARIANTS.items():
         runs = [stability(model, batches, units, v, a.budget, seed=s) for s in range(a.seeds)]
-        mem = peak_memory(name, a.epochs)
+        mem = peak_memory(name, a.epochs, a.checkpoint)
         ats = np.array([[r["split_half_at"][k] for k in r["split_half_at"]] for r in runs])
         mean, sd = np.nanmean(ats, 0), np.nanstd(ats, 0)
         rows[name] = {"runs": runs, "peak_rss_mb": mem}

@@ -92,3 +92,37 @@ def test_wrong_checkpoint_architecture(fmnist_dir, tmp_path):
     ck = save_weights(nn.Linear(3, 2), tmp_path / "other.safetensors")
     assert main(["sensitivity", "--data-root", str(fmnist_dir), "--checkpoint", str(ck), "--out",
                  str(tmp_path / "o.json"), "--no-progress"]) == 2
+
+
+def test_prune_pipeline_writes_every_file_and_reloads(fmnist_dir, tmp_path):
+    run = tmp_path / "dense"
+    assert main(["train", "--data-root", str(fmnist_dir), "--epochs", "1", "--batch-size", "32", "--out", str(run),
+                 "--no-progress"]) == 0
+    ck = str(run / "best.safetensors")
+    pr = tmp_path / "hap"
+    assert main(["prune", "--data-root", str(fmnist_dir), "--checkpoint", ck, "--method", "hap", "--max-samples", "8",
+                 "--target", "params=0.5", "--implant", "pointwise", "--finetune-epochs", "1", "--out", str(pr),
+                 "--no-progress"]) == 0
+    files = {p.name for p in pr.iterdir()}
+    assert {"config.json", "sensitivity.json", "plan.json", "model.safetensors", "metrics.json", "report.md",
+            "sensitivity.png", "widths.png"} <= files
+    m = json.loads((pr / "metrics.json").read_text())
+    assert abs(m["params_removed"] - 0.5) <= 0.01
+    # the saved run reloads and evaluates, a second baseline run compares against it
+    assert main(["eval", "--data-root", str(fmnist_dir), "--run", str(pr)]) == 0
+    l1 = tmp_path / "l1"
+    assert main(["prune", "--data-root", str(fmnist_dir), "--checkpoint", ck, "--method", "l1", "--allocation",
+                 "uniform", "--target", "params=0.5", "--finetune-epochs", "0", "--out", str(l1), "--no-progress"]) == 0
+    assert main(["report", str(pr), str(l1), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "accuracy_vs_params.png").is_file()
+    assert "hap/global+pointwise" in (tmp_path / "cmp" / "report.md").read_text()
+    # an existing run is not overwritten without being asked
+    assert main(["prune", "--data-root", str(fmnist_dir), "--checkpoint", ck, "--out", str(pr), "--no-progress"]) == 2
+    assert main(["finetune", "--data-root", str(fmnist_dir), "--run", str(pr), "--epochs", "1", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("target", ["params=1.5", "params=0", "bogus=0.5", "params=abc"])
+def test_prune_rejects_bad_targets(fmnist_dir, tmp_path, target):
+    assert main(["prune", "--data-root", str(fmnist_dir), "--target", target, "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 2
+    assert not (tmp_path / "r").exists()

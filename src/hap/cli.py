@@ -27,9 +27,21 @@ EXAMPLES = {
     "train": """example:
   hap train --model resnet20 --data fashion-mnist --epochs 15 --out runs/dense
   hap train --model resnet20 --data fashion-mnist --epochs 15 --out runs/dense --resume""",
+    "prune": """example:
+  hap prune --model resnet20 --checkpoint runs/dense/best.safetensors --data fashion-mnist \
+      --method hap --target params=0.5 --implant pointwise --finetune-epochs 2 --out runs/hap-p50
+  hap prune ... --method l1 --allocation uniform --target flops=0.5 --out runs/l1-f50""",
+    "finetune": """example:
+  hap finetune --run runs/hap-p50 --model resnet20 --data fashion-mnist --epochs 3""",
+    "eval": """example:
+  hap eval --model resnet20 --checkpoint runs/dense/best.safetensors
+  hap eval --model resnet20 --run runs/hap-p50""",
+    "report": """example:
+  hap report runs/hap-p50                                  # report.md + PNGs inside the run
+  hap report runs/hap-p50 runs/l1-p50 --out runs/compare   # table + accuracy-vs-params plot""",
     "demo": """example:
-  hap demo                 # train briefly on packaged Fashion-MNIST, then the sensitivity report
-  hap demo --out runs/demo --epochs 2""",
+  hap demo                 # train briefly on packaged Fashion-MNIST, prune 50% of params with HAP + implant
+  hap demo --out runs/demo --epochs 4 --subset 54000""",
 }
 
 
@@ -85,11 +97,53 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="start over in a directory that holds a run")
     t.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("prune", help="sensitivity -> plan (+implant) -> surgery -> fine-tune -> report, one run dir",
+                       epilog=EXAMPLES["prune"], formatter_class=fmt)
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--method", default="hap", help="hap, l1, l2, taylor, obd or random")
+    p.add_argument("--target", default="params=0.5", help="params=F, flops=F or channels=F (fraction removed)")
+    p.add_argument("--allocation", default="global", choices=["global", "uniform"])
+    p.add_argument("--implant", default=None, choices=["pointwise", "lowrank"])
+    p.add_argument("--implant-fraction", type=float, default=0.1)
+    p.add_argument("--max-layer-ratio", type=float, default=0.95)
+    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--sign", default="signed", choices=["signed", "clamp", "abs"])
+    p.add_argument("--max-samples", type=int, default=256)
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--kd", type=float, default=0.0, help="distillation weight from the unpruned model (0: off)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+    f = sub.add_parser("finetune", help="fine-tune a saved pruned model further", epilog=EXAMPLES["finetune"],
+                       formatter_class=fmt)
+    f.add_argument("--run", required=True, help="a directory written by 'hap prune'")
+    _add_model_args(f, checkpoint=False)
+    _add_data_args(f)
+    f.add_argument("--epochs", type=int, default=1)
+    f.add_argument("--lr", type=float, default=0.01)
+    f.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="accuracy, params, MACs and CPU latency of a model", epilog=EXAMPLES["eval"],
+                       formatter_class=fmt)
+    _add_model_args(e)
+    _add_data_args(e)
+    e.add_argument("--run", default=None, help="a pruned run directory instead of --checkpoint")
+    e.add_argument("--split", default="test", choices=["val", "test"])
+
+    r = sub.add_parser("report", help="report.md and PNG plots from run directories", epilog=EXAMPLES["report"],
+                       formatter_class=fmt)
+    r.add_argument("runs", nargs="+")
+    r.add_argument("--out", default=None, help="comparison directory (several runs)")
+
     d = sub.add_parser("demo", help="end-to-end run on the packaged Fashion-MNIST",
                        epilog=EXAMPLES["demo"], formatter_class=fmt)
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=1)
-    d.add_argument("--subset", type=int, default=12000)
+    d.add_argument("--epochs", type=int, default=2, help="dense training epochs on the subset")
+    d.add_argument("--subset", type=int, default=12000, help="training images used (of 54,000)")
     d.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("models", help="list the model zoo")
@@ -209,27 +263,154 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train a ResNet-20 briefly on packaged Fashion-MNIST and score its channels with HAP."""
-    import hap
-    import hap.data
-    from hap.finetune import TrainConfig, evaluate, train
-
+    """The main job on packaged data: train briefly, then the whole HAP pipeline with an implant."""
+    a = argparse.Namespace(
+        data="fashion-mnist", data_root=None, subset=args.subset, seed=0, model="resnet20", epochs=args.epochs,
+        lr=0.1, batch_size=128, out=str(Path(args.out) / "dense"), resume=False, overwrite=False,
+        no_progress=args.no_progress,
+    )
     t0 = time.perf_counter()
+    dense = Path(a.out)
+    if (dense / "metrics.json").is_file():
+        print(f"using the dense model already trained in {dense}")
+    else:
+        a.resume = (dense / "last.json").is_file()
+        a.overwrite = not a.resume
+        cmd_train(a)
+    p = argparse.Namespace(
+        data="fashion-mnist", data_root=None, subset=args.subset, seed=0, model="resnet20",
+        checkpoint=str(dense / "best.safetensors"), method="hap", target="params=0.5", allocation="global",
+        implant="pointwise", implant_fraction=0.1, max_layer_ratio=0.95, round_to=1, sign="signed", max_samples=128,
+        finetune_epochs=1, lr=0.01, kd=0.0, out=str(Path(args.out) / "hap-params50-pointwise"), resume=False,
+        overwrite=True, no_progress=args.no_progress,
+    )
+    cmd_prune(p)
+    print(f"demo done in {time.perf_counter() - t0:.0f} s; report: {p.out}/report.md")
+    return 0
+
+
+def _parse_target(text: str) -> dict[str, float]:
+    kind, _, value = text.partition("=")
+    if kind not in ("params", "flops", "channels") or not value:
+        raise UserError(f"--target {text!r} must look like params=0.5, flops=0.5 or channels=0.5")
+    try:
+        v = float(value)
+    except ValueError as e:
+        raise UserError(f"--target {text!r}: {value!r} is not a number") from e
+    if not 0.0 < v < 1.0:
+        raise UserError(f"--target {text!r}: the fraction removed must be strictly between 0 and 1")
+    return {kind: v}
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import hap
+    from hap.finetune import TrainConfig
+    from hap.pipeline import PruneConfig, evaluate_model, prune_and_finetune
+    from hap.report import write_run_report
+
     out = Path(args.out)
+    target = _parse_target(args.target)
+    if args.method not in hap.METHODS:
+        raise UserError(f"unknown method {args.method!r}; choose one of {', '.join(hap.METHODS)}")
+    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise UserError(f"'{out}' already holds a run: pass --resume to continue it or --overwrite to start over")
+    data = _load_data(args)
+    model = _build_model(args.model, data, args.checkpoint)
+    if args.checkpoint is None:
+        print("note: no --checkpoint given, pruning an untrained model")
+    cfg = PruneConfig(method=args.method, target=target, allocation=args.allocation, implant=args.implant,
+                      implant_fraction=args.implant_fraction, max_layer_ratio=args.max_layer_ratio,
+                      round_to=args.round_to, sign=args.sign, max_samples=args.max_samples, seed=args.seed,
+                      finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.lr, kd_alpha=args.kd, seed=args.seed))
     out.mkdir(parents=True, exist_ok=True)
-    data = hap.data.load("fashion-mnist", subset=args.subset, seed=0)
-    torch.manual_seed(0)
-    model = _build_model("resnet20", data, None)
-    train(model, data, TrainConfig(epochs=args.epochs, lr=0.1), out_dir=out / "dense", resume=True,
-          progress=not args.no_progress)
-    acc = evaluate(model, data.loader("test", 512))["acc"]
-    print(f"dense resnet20: test top-1 {acc:.4f} after {args.epochs} epoch(s) on {len(data.train)} images")
-    loader = data.loader("train", 128, shuffle=True, generator=torch.Generator().manual_seed(0))
-    sens = hap.sensitivity(model, F.cross_entropy, loader, max_samples=128, max_batches=4,
-                           progress=not args.no_progress)
+    _write_json(out / "config.json", {"command": "prune", **vars(args)})
+    sens = None
+    if args.resume and (out / "sensitivity.json").is_file():
+        sens = hap.Sensitivity.load(out / "sensitivity.json")
+    dense_acc = evaluate_model(model, data, "test")
+    small, plan, sens, metrics = prune_and_finetune(model, data, cfg, sens=sens, out_dir=out / "finetune",
+                                                    resume=args.resume, progress=not args.no_progress)
+    metrics["dense_test_acc"] = dense_acc
     sens.save(out / "sensitivity.json")
-    _report_sensitivity(sens)
-    print(f"written: {out / 'sensitivity.json'} ({time.perf_counter() - t0:.0f} s in all)")
+    hap.save(small, plan, out)
+    _write_json(out / "metrics.json", metrics)
+    write_run_report(out)
+    _print_table("before / after", [
+        {"": "params", "dense": f"{metrics['params_base']:,}", "pruned": f"{metrics['params']:,}"},
+        {"": "MACs/image", "dense": f"{metrics['macs_base']:,}", "pruned": f"{metrics['macs']:,}"},
+        {"": "top-1 test", "dense": f"{dense_acc:.4f}", "pruned": f"{metrics['test_acc']:.4f}"},
+        {"": "top-1 after surgery (BN re-est.)", "dense": "", "pruned": f"{metrics['test_acc_oneshot']:.4f}"},
+        {"": "CPU latency b64 (ms)", "dense": f"{metrics['latency_ms_base']:.1f}",
+         "pruned": f"{metrics['latency_ms']:.1f} ({metrics['speedup']:.2f}x)"},
+    ], ["", "dense", "pruned"])
+    print(f"written: {out}/{{plan.json,model.safetensors,sensitivity.json,metrics.json,report.md}}")
+    return 0
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from hap._utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
+
+
+def _load_run(run: str, base: Any):
+    import hap
+
+    d = Path(run)
+    if not (d / "plan.json").is_file():
+        raise UserError(f"'{d}' holds no plan.json: give a directory written by 'hap prune'")
+    return hap.load(d, base)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import hap
+    from hap.finetune import TrainConfig, train
+    from hap.pipeline import evaluate_model
+
+    data = _load_data(args)
+    model = _load_run(args.run, _build_model(args.model, data, None))
+    plan = hap.PruningPlan.load(Path(args.run) / "plan.json")
+    res = train(model, data, TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed), progress=not args.no_progress)
+    hap.save(model, plan, args.run)
+    acc = evaluate_model(model, data, "test")
+    metrics_path = Path(args.run) / "metrics.json"
+    if metrics_path.is_file():
+        m = json.loads(metrics_path.read_text())
+        m.setdefault("extra_finetune", []).append({"epochs": args.epochs, "lr": args.lr, "test_acc": acc,
+                                                    "best_val_acc": res.best_val_acc})
+        m["test_acc"], m["val_acc"] = acc, res.best_val_acc
+        _write_json(metrics_path, m)
+    print(json.dumps({"best_val_acc": res.best_val_acc, "test_acc": acc}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hap.metrics import count_macs, count_params, latency
+    from hap.pipeline import evaluate_model
+
+    data = _load_data(args)
+    if args.run:
+        model = _load_run(args.run, _build_model(args.model, data, None))
+    else:
+        model = _build_model(args.model, data, args.checkpoint)
+    x = torch.zeros(1, data.in_channels, *data.image_size)
+    res = {"acc": evaluate_model(model, data, args.split), "split": args.split, "params": count_params(model),
+           "macs": count_macs(model, x),
+           "latency_ms_b64": latency(model, torch.zeros(64, *x.shape[1:]), repeats=15, threads=1).median_ms}
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hap.report import write_comparison, write_run_report
+
+    for r in args.runs:
+        if not (Path(r) / "metrics.json").is_file():
+            raise UserError(f"no metrics.json in '{r}': is it a 'hap prune' run directory?")
+    if len(args.runs) == 1 and args.out is None:
+        print(f"written: {write_run_report(args.runs[0])}")
+    else:
+        print(f"written: {write_comparison(args.runs, args.out or 'comparison')}")
     return 0
 
 
@@ -240,7 +421,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sensitivity": cmd_sensitivity, "train": cmd_train, "demo": cmd_demo, "models": cmd_models}
+COMMANDS = {
+    "sensitivity": cmd_sensitivity,
+    "train": cmd_train,
+    "prune": cmd_prune,
+    "finetune": cmd_finetune,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "demo": cmd_demo,
+    "models": cmd_models,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

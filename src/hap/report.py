@@ -1,0 +1,154 @@
+"""Readable results: ``report.md`` with a table and PNG plots, from the files a run directory holds.
+
+A report is built only from saved files (``metrics.json``, ``plan.json``, ``sensitivity.json``), never
+from objects in memory, so ``hap report DIR`` reproduces it later and for runs made on other machines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ._utils import atomic_write_text  # noqa: E402
+
+__all__ = ["plot_sensitivity", "plot_widths", "plot_accuracy_vs_params", "write_run_report", "write_comparison"]
+
+
+def _short(name: str) -> str:
+    return name.replace("layer", "L").replace(".conv", ".c").replace("downsample", "ds")
+
+
+def plot_sensitivity(sens: dict[str, Any], path: Path) -> Path:
+    """Mean score per channel group (with min/max whiskers): where the network is sensitive."""
+    groups: dict[str, list[float]] = {}
+    for u in sens["units"]:
+        groups.setdefault(u["group"], []).append(u["score"])
+    names = list(groups)
+    means = np.array([np.mean(groups[n]) for n in names])
+    lo = means - np.array([np.min(groups[n]) for n in names])
+    hi = np.array([np.max(groups[n]) for n in names]) - means
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+    ax.bar(range(len(names)), means, yerr=[lo, hi], color="tab:blue", alpha=0.8, capsize=2)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=70, fontsize=7)
+    ax.set_ylabel(f"{sens['method']} score per channel")
+    ax.set_title(f"sensitivity per group ({sens['method']}): mean, min..max")
+    ax.set_yscale("symlog", linthresh=max(1e-6, float(np.percentile(np.abs(means) + 1e-12, 20))))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_widths(plan: dict[str, Any], path: Path) -> Path:
+    """Per-group channels kept / implanted / removed."""
+    gs = [g for g in plan["groups"]]
+    names = [g["name"] for g in gs]
+    kept = np.array([len(g["kept"]) for g in gs])
+    imp = np.array([len(g.get("implanted", [])) for g in gs])
+    rem = np.array([len(g.get("removed", [])) for g in gs])
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+    x = np.arange(len(names))
+    ax.bar(x, kept, label="kept", color="tab:green")
+    ax.bar(x, imp, bottom=kept, label="implanted", color="tab:orange")
+    ax.bar(x, rem, bottom=kept + imp, label="removed", color="lightgray")
+    ax.set_xticks(x, [_short(n) for n in names], rotation=70, fontsize=7)
+    ax.set_ylabel("channels")
+    ax.set_title(f"widths after pruning ({plan['method']}, {plan['allocation']}, target {plan['target']})")
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_params(rows: Sequence[dict[str, Any]], path: Path, key: str = "test_acc") -> Path:
+    """Accuracy against fraction of parameters removed, one line per method label (mean and std over seeds)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    by: dict[str, dict[float, list[tuple[float, float]]]] = {}
+    for r in rows:
+        if key not in r:
+            continue
+        by.setdefault(r["label"], {}).setdefault(round(r["params_removed"], 2), []).append(
+            (r["params_removed"], r[key]))
+    for label, pts in sorted(by.items()):
+        xs = sorted(pts)
+        x = [np.mean([p[0] for p in pts[k]]) * 100 for k in xs]
+        y = [np.mean([p[1] for p in pts[k]]) * 100 for k in xs]
+        e = [np.std([p[1] for p in pts[k]]) * 100 for k in xs]
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label)
+    ax.set_xlabel("parameters removed (%)")
+    ax.set_ylabel(f"top-1 (%), {key}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * float(x):.2f}"
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    """``report.md`` + plots for one ``hap prune`` run directory."""
+    d = Path(run_dir)
+    m = json.loads((d / "metrics.json").read_text())
+    lines = [f"# hap run: {d.name}", ""]
+    lines += ["| | dense | pruned |", "|---|---:|---:|"]
+    lines.append(f"| parameters | {m['params_base']:,} | {m['params']:,} ({_pct(m['params_removed'])}% removed) |")
+    lines.append(f"| MACs / image | {m['macs_base']:,} | {m['macs']:,} ({_pct(m['macs_removed'])}% removed) |")
+    if "dense_test_acc" in m:
+        lines.append(f"| top-1 test (%) | {_pct(m['dense_test_acc'])} | {_pct(m['test_acc'])} |")
+    lines.append(f"| top-1 right after pruning, BN re-estimated (%) | | {_pct(m['test_acc_oneshot'])} |")
+    lines.append(f"| CPU latency, batch 64, 1 thread (ms) | {m['latency_ms_base']:.1f} | {m['latency_ms']:.1f} "
+                 f"({m['speedup']:.2f}x) |")
+    cfg = m.get("config", {})
+    lines += ["", f"method `{cfg.get('method')}`, target `{cfg.get('target')}`, allocation `{cfg.get('allocation')}`, "
+              f"implant `{cfg.get('implant')}`; model selection on the validation split, test reported only.", ""]
+    if (d / "sensitivity.json").is_file():
+        plot_sensitivity(json.loads((d / "sensitivity.json").read_text()), d / "sensitivity.png")
+        lines += ["![per-layer sensitivity](sensitivity.png)", ""]
+    if (d / "plan.json").is_file():
+        plot_widths(json.loads((d / "plan.json").read_text()), d / "widths.png")
+        lines += ["![per-layer widths](widths.png)", ""]
+    return atomic_write_text(d / "report.md", "\n".join(lines) + "\n")
+
+
+def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """One table and an accuracy-vs-parameters plot across several runs."""
+    rows = []
+    for r in run_dirs:
+        p = Path(r) / "metrics.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"no metrics.json in '{r}': is it a 'hap prune' run directory?")
+        m = json.loads(p.read_text())
+        cfg = m.get("config", {})
+        implant = f"+{cfg['implant']}" if cfg.get("implant") else ""
+        m["label"] = f"{cfg.get('method')}/{cfg.get('allocation')}{implant}"
+        m["run"] = Path(r).name
+        rows.append(m)
+    out = Path(out_dir)
+    plot_accuracy_vs_params(rows, out / "accuracy_vs_params.png")
+    lines = ["# hap comparison", "", "| run | method | params removed % | MACs removed % | top-1 one-shot % | "
+             "top-1 val % | top-1 test % | speed-up |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for m in rows:
+        lines.append(f"| {m['run']} | {m['label']} | {_pct(m['params_removed'])} | {_pct(m['macs_removed'])} | "
+                     f"{_pct(m['test_acc_oneshot'])} | {_pct(m['val_acc'])} | {_pct(m['test_acc'])} | "
+                     f"{m['speedup']:.2f}x |")
+    lines += ["", "![accuracy vs parameters](accuracy_vs_params.png)", ""]
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
