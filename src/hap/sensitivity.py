@@ -307,6 +307,8 @@ def sensitivity(
     n_u = reducer.counts().numpy()
     sq = reducer({n: p.detach() ** 2 for n, p in params.items()}).numpy()
     settings: dict[str, Any] = {"scope": scope, "seed": seed, "max_batches": max_batches}
+    if isinstance(data[0][0], torch.Tensor):  # lets hap.plan count MACs for the input size scored on
+        settings["input_shape"] = list(data[0][0].shape[1:])
     trace = trace_se = None
     samples = batches_used = 0
     converged, reason = True, "single pass"
