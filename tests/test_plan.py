@@ -263,11 +263,16 @@ def test_bad_target_type_and_flops_without_input_size():
     model, x, sens = _setup("resnet20")
     with pytest.raises(ValueError, match="hap.Target"):
         hap.plan(model, sens, 0.5)
-    with pytest.raises(ValueError, match="example_inputs"):
-        hap.plan(model, sens, Target(flops=0.5))
     with pytest.raises(ValueError, match="head units"):
         hap.plan(model, sens, Target(heads=0.5), example_inputs=x)
-    p = hap.plan(model, sens, Target(params=0.3))  # params: a guessed input size is fine, and recorded
+    # the sensitivity records the input size it was computed on: the three-line use needs no inputs
+    assert sens.settings["input_shape"] == [1, 16, 16]
+    assert hap.plan(model, sens, Target(flops=0.3)).inputs["shape"] == [1, 1, 16, 16]
+    unrecorded = copy.deepcopy(sens)
+    del unrecorded.settings["input_shape"]
+    with pytest.raises(ValueError, match="example_inputs"):
+        hap.plan(model, unrecorded, Target(flops=0.5))
+    p = hap.plan(model, unrecorded, Target(params=0.3))  # params: a guessed input size is fine, and recorded
     assert p.inputs["shape"] == [1, 1, 32, 32]
 
 
@@ -323,3 +328,22 @@ def test_group_plan_validation():
                 GroupPlan("g", 3, [0], [1], [2], implant="magic"), GroupPlan("g", 3, [0], [1], [2], implant="lowrank")):
         with pytest.raises(ValueError, match="group 'g'"):
             bad.validate()
+
+
+def test_guessed_input_that_does_not_fit_asks_for_example_inputs():
+    class Fixed(torch.nn.Module):  # a flatten into a Linear sized for 8x8 inputs only
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    model = Fixed().eval()
+    x = torch.randn(2, 1, 8, 8)
+    sens = scores(model, x)
+    del sens.settings["input_shape"]
+    with pytest.raises(ValueError, match="guessed input of shape"):
+        hap.plan(model, sens, Target(channels=0.5))
+    assert hap.plan(model, sens, Target(channels=0.5), example_inputs=x, tol=0.2).inputs["shape"] == [1, 1, 8, 8]

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._utils import atomic_write_text
+from ._utils import atomic_write_text, call_model, eval_mode
 from .implant import IMPLANT_KINDS, implant_unsupported_reason, lowrank_rank
 from .metrics import ModelCost, _count_macs_disposable, count_params, measure
 from .sensitivity import Sensitivity, model_signature
@@ -381,7 +381,7 @@ def make_inputs(spec: Mapping[str, Any], seed: int = 0) -> Any:
 
 def _default_inputs(model: nn.Module, sens: Sensitivity) -> tuple[Any, str]:
     """Example inputs when the caller gives none, and where they came from (for the error messages)."""
-    shape = getattr(model, "input_shape", None) or sens.settings.get("input_shape")
+    shape = sens.settings.get("input_shape") or getattr(model, "input_shape", None)
     first = next(model.parameters(), None)
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     if shape:
@@ -451,8 +451,9 @@ def plan(
             the same ratio in every group, least sensitive units first within it.
         exclude: Layers (names or modules) whose groups must not be touched.
         example_inputs: One input batch; it fixes the input size MACs are counted for and traces the
-            graph. Default: the model's ``input_shape`` attribute, else 1 x C x 32 x 32 for a conv net.
-            Required for a ``flops`` target when neither is recorded.
+            graph. Default: the input shape the sensitivity was computed on (recorded in its settings),
+            else the model's ``input_shape`` attribute, else a guessed 1 x C x 32 x 32 for a conv net
+            (not for a ``flops`` target: MACs depend on the input size).
         sign: How negative sensitivity estimates rank: ``"signed"`` (as estimated: most negative
             first out), ``"clamp"`` (negatives are 0) or ``"abs"``.
         tol: Largest accepted ``|achieved - target|`` (as fractions).
@@ -485,12 +486,20 @@ def plan(
     sensitivity.ranking_scores(sign)  # validates ``sign`` before any work
     sensitivity.check_model(model)
     if example_inputs is None:
-        recorded = getattr(model, "input_shape", None) or sensitivity.settings.get("input_shape")
+        recorded = sensitivity.settings.get("input_shape") or getattr(model, "input_shape", None)
         if target.kind == "flops" and not recorded:
             raise ValueError(
                 "Target(flops=...) counts MACs for an input size: pass example_inputs= (e.g. torch.zeros(1, 3, 32, 32))"
             )
         example_inputs, _ = _default_inputs(model, sensitivity)
+        try:
+            with _threads(1), torch.no_grad(), eval_mode(model):
+                call_model(model, example_inputs)
+        except Exception as e:
+            raise ValueError(
+                f"the model does not run on a guessed input of shape {tuple(example_inputs.shape)} ({e}): "
+                "pass example_inputs= (one batch of real inputs)"
+            ) from e
     spec = input_spec(example_inputs)
     inputs = make_inputs(spec)
     # The search runs many batch-1 forward passes; with several threads on a busy machine their
