@@ -316,8 +316,9 @@ def test_corrupted_plan_json_is_a_clear_error(tmp_path, corrupt):
     assert bad != text
     path = tmp_path / "plan.json"
     path.write_text(bad)
-    with pytest.raises(ValueError, match="not a valid plan"):
+    with pytest.raises(ValueError, match="not a valid plan") as err:
         PruningPlan.load(path)
+    assert "\n" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="no plan file"):
         PruningPlan.load(tmp_path / "missing.json")
 

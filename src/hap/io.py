@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ._utils import atomic_write_text
-from .plan import PruningPlan
+from .plan import PruningPlan, first_line
 from .sensitivity import model_signature
 from .surgery import prune
 
@@ -100,7 +100,9 @@ def load(directory: str | os.PathLike[str], base_model: nn.Module) -> nn.Module:
         with safe_open(weights, framework="pt") as sf:
             meta = sf.metadata() or {}
     except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
-        raise ValueError(f"'{weights}' is not a readable safetensors file ({e}): it is truncated or corrupted") from e
+        raise ValueError(
+            f"'{weights}' is not a readable safetensors file ({first_line(e)}): it is truncated or corrupted"
+        ) from e
     model = prune(base_model, plan)
     want = meta.get("pruned_signature")
     got = model_signature(model)

@@ -315,7 +315,8 @@ class PruningPlan:
         try:
             return cls.from_dict(json.loads(text))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
-            raise ValueError(f"not a valid plan ({type(e).__name__}: {e}): re-create it with hap.plan") from e
+            why = f"{type(e).__name__}: {first_line(e)}"
+            raise ValueError(f"not a valid plan ({why}): re-create it with hap.plan") from e
 
     def digest(self) -> str:
         """Content hash of the plan."""
@@ -334,6 +335,12 @@ class PruningPlan:
             return cls.from_json(p.read_text())
         except UnicodeDecodeError as e:
             raise ValueError(f"'{p}' is not a valid plan (not UTF-8 text): re-create it with hap.plan") from e
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message: error messages here stay one line long."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _pruned_share(groups: Sequence[GroupPlan], kind: str) -> float:
@@ -497,7 +504,8 @@ def plan(
                 call_model(model, example_inputs)
         except Exception as e:
             raise ValueError(
-                f"the model does not run on a guessed input of shape {tuple(example_inputs.shape)} ({e}): "
+                f"the model does not run on a guessed input of shape {tuple(example_inputs.shape)} "
+                f"({type(e).__name__}: {first_line(e)}): "
                 "pass example_inputs= (one batch of real inputs)"
             ) from e
     spec = input_spec(example_inputs)
@@ -605,7 +613,7 @@ def _plan(
     if top < goal - tol:
         raise PlanError(
             f"target {target} is unreachable: pruning every allowed unit removes only {top:.3f} "
-            f"({_limits_text(max_layer_ratio, exclude, groups)}); lower the target or relax the limits"
+            f"({_limits_text(max_layer_ratio, groups)}); lower the target or relax the limits"
         )
     lo, hi = 0, n_steps
     if top >= goal:
@@ -651,7 +659,7 @@ def _plan(
     )
 
 
-def _limits_text(max_layer_ratio: float, exclude: Any, groups: list[_Group]) -> str:
+def _limits_text(max_layer_ratio: float, groups: list[_Group]) -> str:
     frozen = sum(1 for g in groups if g.cap == 0)
     return f"max_layer_ratio={max_layer_ratio}, one channel kept per group, {frozen} of {len(groups)} groups frozen"
 
