@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from .plan import PruningPlan, Target, plan
 from .sensitivity import Sensitivity, sensitivity
 from .surgery import prune
 
-__all__ = ["PruneConfig", "prune_and_finetune", "evaluate_model"]
+__all__ = ["PruneConfig", "prune_and_finetune", "evaluate_model", "paired_latency"]
 
 
 @dataclass
@@ -54,6 +55,24 @@ class PruneConfig:
 
 def evaluate_model(model: nn.Module, data: Any, split: str) -> float:
     return float(evaluate(model, data.loader(split, 512))["acc"])
+
+
+def paired_latency(base: nn.Module, small: nn.Module, batch: torch.Tensor, rounds: int = 7,
+                   repeats: int = 5) -> dict[str, float]:
+    """CPU latency of two models measured in alternation, one thread, and the median of per-round ratios.
+
+    On a shared machine load comes and goes; timing one model after the other lets a burst land on one
+    side only. Alternating short rounds exposes both to the same conditions.
+    """
+    ratios, tb, ts = [], [], []
+    for _ in range(rounds):
+        b = latency(base, batch, repeats=repeats, warmup=1, threads=1).median_ms
+        s = latency(small, batch, repeats=repeats, warmup=1, threads=1).median_ms
+        tb.append(b)
+        ts.append(s)
+        ratios.append(b / s)
+    return {"latency_ms_base": float(np.median(tb)), "latency_ms": float(np.median(ts)),
+            "speedup": float(np.median(ratios))}
 
 
 def _example(data: Any) -> torch.Tensor:
@@ -112,8 +131,6 @@ def prune_and_finetune(
     metrics["params_removed"] = 1 - metrics["params"] / metrics["params_base"]
     metrics["macs_removed"] = 1 - metrics["macs"] / metrics["macs_base"]
     batch = torch.zeros(64, data.in_channels, *data.image_size)
-    dense_lat = latency(model, batch, repeats=15, threads=1).median_ms
-    small_lat = latency(small, batch, repeats=15, threads=1).median_ms
-    metrics.update(latency_ms_base=dense_lat, latency_ms=small_lat, speedup=dense_lat / small_lat)
+    metrics.update(paired_latency(model, small, batch))
     metrics["total_s"] = time.perf_counter() - t0
     return small, p, sens, metrics
