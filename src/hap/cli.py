@@ -147,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("models", help="list the model zoo")
+    from hap.text.cli_heads import add_parser as add_heads_parser
+
+    add_heads_parser(sub)
     return ap
 
 
@@ -431,6 +434,15 @@ COMMANDS = {
     "demo": cmd_demo,
     "models": cmd_models,
 }
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    from hap.text.cli_heads import run
+
+    return run(args)
+
+
+COMMANDS["heads"] = cmd_heads
 
 
 def main(argv: list[str] | None = None) -> int:
