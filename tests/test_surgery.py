@@ -177,3 +177,16 @@ def test_prune_validates_layout():
     bad.groups.append(GroupPlan("nope", 2, [0], [], [1]))
     with pytest.raises(ValueError, match="does not have"):
         hap.prune(model, bad)
+
+
+def test_three_line_public_face():
+    """sens = hap.sensitivity(...); plan = hap.plan(model, sens, Target); small = hap.prune(model, plan)."""
+    torch.manual_seed(0)
+    model = randomize(ImplantNet())
+    batches = [(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))) for _ in range(2)]
+    sens = hap.sensitivity(model, nn.functional.cross_entropy, batches, max_samples=64, progress=False)
+    plan = hap.plan(model, sens, hap.Target(params=0.4), tol=0.05)
+    small = hap.prune(model, plan)
+    assert sens.method == "hap" and abs(plan.params_removed - 0.4) <= 0.05
+    assert hap.count_params(small) == plan.achieved["params"]
+    assert small(batches[0][0]).shape == (8, 3)
