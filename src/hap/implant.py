@@ -103,8 +103,11 @@ class ScatterImplantedConv(ImplantedConv):
 
     def __init__(self, kept: nn.Module, implant: nn.Module, kept_pos: Sequence[int], implanted_pos: Sequence[int]):
         super().__init__(kept, implant)
-        self.register_buffer("kept_pos", torch.tensor(list(kept_pos), dtype=torch.long), persistent=False)
-        self.register_buffer("implanted_pos", torch.tensor(list(implanted_pos), dtype=torch.long), persistent=False)
+        dev = kept.weight.device
+        self.register_buffer("kept_pos", torch.tensor(list(kept_pos), dtype=torch.long, device=dev), persistent=False)
+        self.register_buffer(
+            "implanted_pos", torch.tensor(list(implanted_pos), dtype=torch.long, device=dev), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.kept(x)
@@ -373,10 +376,11 @@ def calibrate(
         x = torch.cat(xs)
         y = torch.cat(ys[name])
         if pw.bias is not None:
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
         gram = x.T @ x
         lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
-        sol = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), x.T @ y)  # [C(+1), n]
+        eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        sol = torch.linalg.solve(gram + lam * eye, x.T @ y)  # [C(+1), n]
         with torch.no_grad():
             pw.weight.copy_(sol[: pw.in_channels].T.reshape(pw.weight.shape).to(pw.weight.dtype))
             if pw.bias is not None:
@@ -395,7 +399,7 @@ def _note(order: list[str], name: str) -> Callable[..., None]:
 
 def _grab_y(out: list[torch.Tensor], rows: torch.Tensor) -> Callable[..., None]:
     def hook(mod: nn.Module, inp: Any, y: torch.Tensor) -> None:
-        y = y.index_select(1, rows)
+        y = y.index_select(1, rows.to(y.device))
         out.append(y.movedim(1, -1).reshape(-1, len(rows)).double())
 
     return hook

@@ -143,12 +143,21 @@ def latency(
         torch.set_num_threads(threads)
     times: list[float] = []
     try:
+        p = next(model.parameters(), None)
+        cuda = p is not None and p.is_cuda
+
+        def sync() -> None:  # CUDA kernels run asynchronously: time them to completion
+            if cuda:
+                torch.cuda.synchronize(p.device)
+
         with eval_mode(model), torch.inference_mode():
             for _ in range(warmup):
                 call_model(model, example_inputs)
             for _ in range(repeats):
+                sync()
                 t0 = time.perf_counter()
                 call_model(model, example_inputs)
+                sync()
                 times.append((time.perf_counter() - t0) * 1e3)
         used = torch.get_num_threads()
     finally:

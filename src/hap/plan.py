@@ -238,9 +238,9 @@ class PruningPlan:
             return self.heads_removed
         raise ValueError(f"unknown target kind {kind!r}")
 
-    def example_inputs(self) -> Any:
+    def example_inputs(self, device: torch.device | str | None = None) -> Any:
         """A batch-1 input of the recorded shape (seeded), to trace the model and count MACs."""
-        return make_inputs(self.inputs)
+        return make_inputs(self.inputs, device=device)
 
     def summary(self) -> str:
         """A plain-text table: one row per group, then the totals."""
@@ -337,6 +337,12 @@ class PruningPlan:
             raise ValueError(f"'{p}' is not a valid plan (not UTF-8 text): re-create it with hap.plan") from e
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a parameter-free model)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message: error messages here stay one line long."""
     text = str(e).strip()
@@ -369,7 +375,7 @@ def input_spec(example_inputs: Any) -> dict[str, Any]:
     )
 
 
-def make_inputs(spec: Mapping[str, Any], seed: int = 0) -> Any:
+def make_inputs(spec: Mapping[str, Any], seed: int = 0, device: torch.device | str | None = None) -> Any:
     """Rebuild example inputs from :func:`input_spec` output (seeded normal floats, zero integers)."""
     if "shape" in spec:
         dtype = getattr(torch, str(spec["dtype"]), None)
@@ -377,12 +383,12 @@ def make_inputs(spec: Mapping[str, Any], seed: int = 0) -> Any:
             raise ValueError(f"input spec names an unknown dtype {spec['dtype']!r}")
         shape = [int(s) for s in spec["shape"]]
         if dtype.is_floating_point:
-            return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-        return torch.zeros(shape, dtype=dtype)
+            return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype, device=device)
     if "kwargs" in spec:
-        return {k: make_inputs(v, seed) for k, v in spec["kwargs"].items()}
+        return {k: make_inputs(v, seed, device) for k, v in spec["kwargs"].items()}
     if "args" in spec:
-        return tuple(make_inputs(v, seed) for v in spec["args"])
+        return tuple(make_inputs(v, seed, device) for v in spec["args"])
     raise ValueError("input spec needs 'shape', 'args' or 'kwargs'")
 
 
@@ -392,14 +398,14 @@ def _default_inputs(model: nn.Module, sens: Sensitivity) -> tuple[Any, str]:
     first = next(model.parameters(), None)
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     if shape:
-        return torch.zeros(1, *[int(s) for s in shape], dtype=dtype), "recorded"
+        return torch.zeros(1, *[int(s) for s in shape], dtype=dtype, device=model_device(model)), "recorded"
     for m in model.modules():
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             nd = len(m.kernel_size)
             p = m.weight
-            return torch.zeros(1, m.in_channels, *([32] * nd), dtype=p.dtype), "guessed"
+            return torch.zeros(1, m.in_channels, *([32] * nd), dtype=p.dtype, device=p.device), "guessed"
         if isinstance(m, nn.Linear):
-            return torch.zeros(1, m.in_features, dtype=m.weight.dtype), "guessed"
+            return torch.zeros(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device), "guessed"
     raise ValueError("cannot guess the model's input: pass example_inputs= (one batch of inputs)")
 
 
@@ -509,7 +515,7 @@ def plan(
                 "pass example_inputs= (one batch of real inputs)"
             ) from e
     spec = input_spec(example_inputs)
-    inputs = make_inputs(spec)
+    inputs = make_inputs(spec, device=model_device(model))
     # The search runs many batch-1 forward passes; with several threads on a busy machine their
     # synchronisation costs more than the arithmetic (10x measured on 2 shared cores), so use one.
     with _threads(1):

@@ -78,7 +78,8 @@ def prune(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, layout:
         if g.name not in named:
             raise ValueError(f"the plan prunes layer '{g.name}' that the model does not have: plan again on this model")
     out = model if inplace else copy.deepcopy(model)
-    apply_groups(out, plan.groups, plan.example_inputs(), layout=layout)
+    p = next(out.parameters(), None)
+    apply_groups(out, plan.groups, plan.example_inputs(device=None if p is None else p.device), layout=layout)
     return out
 
 
