@@ -348,3 +348,17 @@ def test_guessed_input_that_does_not_fit_asks_for_example_inputs():
     with pytest.raises(ValueError, match="guessed input of shape"):
         hap.plan(model, sens, Target(channels=0.5))
     assert hap.plan(model, sens, Target(channels=0.5), example_inputs=x, tol=0.2).inputs["shape"] == [1, 1, 8, 8]
+
+
+def test_rank_by_score_per_param_prefers_expensive_units():
+    """Two units with equal scores: per parameter, the one whose removal deletes more weights goes first."""
+    model, x, sens = _setup("resnet20")
+    sens = copy.deepcopy(sens)
+    for u in sens.units:
+        u.score = 1.0
+    p = hap.plan(model, sens, Target(channels=0.05), implant=None, rank_by="score_per_param", example_inputs=x)
+    removed = {g.name for g in p.groups if g.removed}
+    assert removed and removed <= {"layer3.0.shortcut.0", "layer3.0.conv1", "layer3.1.conv1", "layer3.2.conv1"}
+    assert p.settings["rank_by"] == "score_per_param"
+    with pytest.raises(ValueError, match="rank_by"):
+        hap.plan(model, sens, Target(channels=0.05), rank_by="flops", example_inputs=x)

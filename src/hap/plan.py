@@ -48,6 +48,7 @@ __all__ = ["Target", "GroupPlan", "PruningPlan", "plan", "ALLOCATIONS", "PlanErr
 
 FORMAT_VERSION = 1
 ALLOCATIONS = ("global", "uniform")
+RANKINGS = ("score", "score_per_param")
 _TARGET_KINDS = ("params", "flops", "channels", "heads")
 
 
@@ -442,6 +443,7 @@ def plan(
     exclude: Sequence[str | nn.Module] | None = None,
     example_inputs: Any = None,
     sign: str = "signed",
+    rank_by: str = "score",
     tol: float = 0.01,
 ) -> PruningPlan:
     """Choose the units to remove and to implant so that the measured pruned model meets ``target``.
@@ -469,6 +471,9 @@ def plan(
             (not for a ``flops`` target: MACs depend on the input size).
         sign: How negative sensitivity estimates rank: ``"signed"`` (as estimated: most negative
             first out), ``"clamp"`` (negatives are 0) or ``"abs"``.
+        rank_by: ``"score"`` (the paper's) or ``"score_per_param"``: the score divided by the number of
+            weights the unit's removal deletes, so cheap-to-keep units are not removed for little gain.
+            Which ranks better is a question for the study (DESIGN.md section 1), hence an option.
         tol: Largest accepted ``|achieved - target|`` (as fractions).
 
     Returns:
@@ -494,6 +499,8 @@ def plan(
         raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if rank_by not in RANKINGS:
+        raise ValueError(f"rank_by must be one of {', '.join(RANKINGS)}, got {rank_by!r}")
     if not 0.0 < tol < 0.5:
         raise ValueError(f"tol must be in (0, 0.5), got {tol}")
     sensitivity.ranking_scores(sign)  # validates ``sign`` before any work
@@ -520,7 +527,7 @@ def plan(
     # synchronisation costs more than the arithmetic (10x measured on 2 shared cores), so use one.
     with _threads(1):
         return _plan(model, sensitivity, target, inputs, spec, implant, implant_fraction, implant_cost,
-                     max_layer_ratio, round_to, allocation, exclude, sign, tol)
+                     max_layer_ratio, round_to, allocation, exclude, sign, rank_by, tol)
 
 
 class _threads:
@@ -552,9 +559,12 @@ def _plan(
     allocation: str,
     exclude: Sequence[str | nn.Module] | None,
     sign: str,
+    rank_by: str,
     tol: float,
 ) -> PruningPlan:
     scores_all = sensitivity.ranking_scores(sign)
+    if rank_by == "score_per_param":
+        scores_all = scores_all / np.maximum(_unit_weights(model, sensitivity), 1)
     excluded = _excluded_modules(model, exclude)
     if implant is None or implant_fraction == 0:
         implant = None
@@ -658,6 +668,7 @@ def _plan(
             "max_layer_ratio": max_layer_ratio,
             "round_to": round_to,
             "sign": sign,
+            "rank_by": rank_by,
             "tol": tol,
             "implant_cost": implant_cost,
             "exclude": sorted(excluded),
@@ -668,6 +679,17 @@ def _plan(
 def _limits_text(max_layer_ratio: float, groups: list[_Group]) -> str:
     frozen = sum(1 for g in groups if g.cap == 0)
     return f"max_layer_ratio={max_layer_ratio}, one channel kept per group, {frozen} of {len(groups)} groups frozen"
+
+
+def _unit_weights(model: nn.Module, sens: Sensitivity) -> np.ndarray:
+    """Weights each unit's removal deletes (all its slices; an element on two slices counted twice)."""
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    out = np.zeros(len(sens.units))
+    for i, u in enumerate(sens.units):
+        for s in u.slices:
+            shape = shapes[s.param]
+            out[i] += len(s.indices) * math.prod(shape) / shape[s.dim]
+    return out
 
 
 def _excluded_modules(model: nn.Module, exclude: Sequence[str | nn.Module] | None) -> set[str]:
