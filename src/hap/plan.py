@@ -395,6 +395,8 @@ def make_inputs(spec: Mapping[str, Any], seed: int = 0, device: torch.device | s
 
 def _default_inputs(model: nn.Module, sens: Sensitivity) -> tuple[Any, str]:
     """Example inputs when the caller gives none, and where they came from (for the error messages)."""
+    if sens.settings.get("input_spec"):  # keyword inputs recorded by hap.sensitivity (text models)
+        return make_inputs(sens.settings["input_spec"], device=model_device(model)), "recorded"
     shape = sens.settings.get("input_shape") or getattr(model, "input_shape", None)
     first = next(model.parameters(), None)
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
@@ -506,7 +508,8 @@ def plan(
     sensitivity.ranking_scores(sign)  # validates ``sign`` before any work
     sensitivity.check_model(model)
     if example_inputs is None:
-        recorded = sensitivity.settings.get("input_shape") or getattr(model, "input_shape", None)
+        recorded = (sensitivity.settings.get("input_shape") or sensitivity.settings.get("input_spec")
+                    or getattr(model, "input_shape", None))
         if target.kind == "flops" and not recorded:
             raise ValueError(
                 "Target(flops=...) counts MACs for an input size: pass example_inputs= (e.g. torch.zeros(1, 3, 32, 32))"
@@ -517,7 +520,7 @@ def plan(
                 call_model(model, example_inputs)
         except Exception as e:
             raise ValueError(
-                f"the model does not run on a guessed input of shape {tuple(example_inputs.shape)} "
+                f"the model does not run on a guessed input of shape {tuple(getattr(example_inputs, 'shape', ()))} "
                 f"({type(e).__name__}: {first_line(e)}): "
                 "pass example_inputs= (one batch of real inputs)"
             ) from e

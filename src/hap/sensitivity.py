@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,6 +309,11 @@ def sensitivity(
     settings: dict[str, Any] = {"scope": scope, "seed": seed, "max_batches": max_batches}
     if isinstance(data[0][0], torch.Tensor):  # lets hap.plan count MACs for the input size scored on
         settings["input_shape"] = list(data[0][0].shape[1:])
+    elif isinstance(data[0][0], Mapping):  # keyword inputs (text models): names, shapes and dtypes at batch 1
+        settings["input_spec"] = {"kwargs": {
+            str(k): {"shape": [1, *v.shape[1:]], "dtype": str(v.dtype).removeprefix("torch.")}
+            for k, v in data[0][0].items() if isinstance(v, torch.Tensor)
+        }}
     trace = trace_se = None
     samples = batches_used = 0
     converged, reason = True, "single pass"
