@@ -1,0 +1,117 @@
+"""Training loop: resumable checkpoints that survive an interruption, BN re-estimation, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hap.data
+import hap.models
+from hap.finetune import TrainConfig, evaluate, load_weights, recalibrate_bn, save_weights, train
+
+
+class _Data:
+    """A tiny in-memory dataset with the loader interface of hap.data.Dataset."""
+
+    def __init__(self, n=64, interrupt_at=None):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 1, 8, 8, generator=g)
+        self.y = (self.x.mean((1, 2, 3)) > 0).long()
+        self.interrupt_at = interrupt_at
+        self.calls = 0
+
+    def loader(self, split, batch_size, shuffle=False, augment=False, generator=None, drop_last=False):
+        data = self
+
+        class L:
+            def __len__(self):
+                return -(-len(data.x) // batch_size)
+
+            def __iter__(self):
+                for i in range(len(self)):
+                    if split == "train":
+                        data.calls += 1
+                        if data.interrupt_at is not None and data.calls == data.interrupt_at:
+                            raise KeyboardInterrupt
+                    s = slice(i * batch_size, (i + 1) * batch_size)
+                    yield data.x[s], data.y[s]
+
+        return L()
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_interrupted_run_keeps_a_valid_checkpoint_and_resumes_identically(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=0.1, batch_size=16, augment=False, seed=0)
+    # uninterrupted reference
+    ref = _model()
+    train(ref, _Data(), cfg, out_dir=tmp_path / "ref", progress=False)
+    ref_last = load_weights(_model(), tmp_path / "ref" / "last.safetensors")
+    # interrupted in the middle of epoch 2 (4 train batches per epoch): the last checkpoint is epoch 1
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), _Data(interrupt_at=6), cfg, out_dir=run, progress=False)
+    meta = json.loads((run / "last.json").read_text())
+    assert meta["epoch"] == 0
+    load_weights(_model(), run / "last.safetensors")  # loads: not half-written
+    assert not list(run.glob(".*tmp"))
+    # resuming gives the same final weights as the uninterrupted run
+    resumed = _model()
+    train(resumed, _Data(), cfg, out_dir=run, resume=True, progress=False)
+    got = load_weights(_model(), run / "last.safetensors")
+    for a, b in zip(got.state_dict().values(), ref_last.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_nan_loss_is_a_clear_error():
+    d = _Data()
+    d.x[:] = float("nan")
+    with pytest.raises(RuntimeError, match="training loss is nan"):
+        train(_model(), d, TrainConfig(epochs=1, batch_size=16, augment=False), progress=False)
+
+
+def test_recalibrate_bn_matches_batch_statistics():
+    m = _model()
+    d = _Data()
+    recalibrate_bn(m, d.loader("train", 64), max_batches=1)
+    bn = m[1]
+    with torch.no_grad():
+        h = m[0](d.x)
+    torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)))
+    torch.testing.assert_close(bn.running_var, h.var((0, 2, 3), unbiased=True))
+    assert m.training  # mode restored
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    p = save_weights(_model(), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="another architecture"):
+        load_weights(hap.models.create("resnet20", num_classes=2, in_channels=1), p)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_weights(_model(), tmp_path / "bad.safetensors")
+
+
+def test_evaluate_counts():
+    d = _Data()
+    r = evaluate(_model(), d.loader("val", 16))
+    assert r["n"] == 64 and 0.0 <= r["acc"] <= 1.0
+
+
+def test_fashion_mnist_training_improves_on_a_subset():
+    pytest.importorskip("gzip")
+    try:
+        data = hap.data.load("fashion-mnist", subset=600, seed=0)
+    except FileNotFoundError:
+        pytest.skip("dataset-fashion-mnist not installed")
+    torch.manual_seed(0)
+    model = hap.models.create("resnet20", num_classes=10, in_channels=1)
+    before = evaluate(model, data.loader("val", 256))["acc"]
+    res = train(model, data, TrainConfig(epochs=2, lr=0.05, batch_size=32), progress=False)
+    assert res.best_val_acc > before + 0.2
