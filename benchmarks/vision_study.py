@@ -59,10 +59,11 @@ TP_ROWS = ("tp-magnitude", "tp-taylor")
 
 
 def run_grid(targets, seeds, methods, allocations):
-    """Priority order: the middle target and first seed first, so a short session yields a full slice."""
+    """Priority order: the first target with every seed first, so a short session yields a full slice with
+    its spread; then the next target."""
     order = []
-    for seed in seeds:
-        for t in targets:
+    for t in targets:
+        for seed in seeds:
             order.append(("dense-control", None, None, seed))
             for m in methods:
                 for a in allocations:
