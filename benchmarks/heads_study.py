@@ -21,8 +21,12 @@ from __future__ import annotations
 import argparse
 import copy
 import fcntl
+import hashlib
 import json
+import os
+import stat
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -61,14 +65,17 @@ SMOKE = dict(sizes={"train": 160, "val": 32, "score": 64, "test": 160}, dense_ep
 def replace_marked_block(path: Path, body: str, marker: str = MARKER) -> None:
     """Put ``body`` between the two ``marker`` lines of ``path`` (appended if absent), keeping the rest.
 
-    Another script writes its own marked block of the same file: the file is re-read under an exclusive
-    lock (a sidecar ``.lock`` file) right before the atomic replace, so neither overwrites the other's
-    fresh block.
+    Another script writes its own marked block of the same file: the file is re-read right before an
+    atomic replace (under an exclusive lock in the temp directory, for writers that take it), so the
+    other block is carried over as it is at that moment. The file stays world-readable (a temp file
+    is created 0600).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"hap-results-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = path.read_text() if path.is_file() else ""
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644
         if old.count(marker) >= 2:
             pre, _, rest = old.partition(marker)
             _, _, post = rest.partition(marker)
@@ -77,6 +84,7 @@ def replace_marked_block(path: Path, body: str, marker: str = MARKER) -> None:
             sep = "" if not old or old.endswith("\n\n") else ("\n" if old.endswith("\n") else "\n\n")
             new = f"{old}{sep}{marker}\n{body}\n{marker}\n"
         atomic_write_text(path, new)
+        os.chmod(path, mode)
 
 
 def grid(seeds: list[int], targets: list[float], methods: list[str]) -> list[tuple[str, float | None, int]]:
@@ -102,6 +110,7 @@ def dense_model(args: argparse.Namespace, out: Path, data: Any) -> tuple[Any, An
     """MiniLM with a new 2-label head, fine-tuned on train (cached; seed 0, shared by all runs)."""
     from safetensors.torch import load_file, save_file
 
+    torch.manual_seed(0)  # the new classification head is initialised from torch's global generator
     tm = load_text_model("minilm", data.label_names)
     weights, info = out / "dense.safetensors", out / "dense.json"
     if weights.is_file() and info.is_file():

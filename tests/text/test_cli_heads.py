@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -40,6 +41,15 @@ def test_end_to_end_run_dir_reloads_to_the_reported_accuracy(tmp_path):
 
     rc = main(["heads", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *FAST])
     assert rc == 2  # a run is there: refused without --overwrite
+
+    assert main(["heads", "--model", str(out), "--data", str(data_file), "--out", str(tmp_path / "r2"), *FAST]) == 2
+
+    rerun = shlex.split(cfg["rerun"])  # the recorded command repeats the run exactly
+    assert rerun[:2] == ["hap", "heads"]
+    assert main([*rerun[1:], "--overwrite", "--no-progress", "--threads", "1"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    for k in ("dense_test_acc", "test_acc_oneshot", "test_acc", "params", "heads_per_layer"):
+        assert again[k] == m[k], k
 
 
 def test_hap_method_with_trained_classifier(tmp_path):

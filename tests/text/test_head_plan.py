@@ -52,7 +52,7 @@ def _removed(p: hap.PruningPlan) -> dict[str, list[int]]:
     return {g.name: g.removed for g in p.groups if g.removed}
 
 
-@pytest.mark.parametrize("method", ["hap", "michel", "l1", "random"])
+@pytest.mark.parametrize("method", ["hap", "michel", "l1", "taylor", "random"])
 def test_three_lines_as_for_channels(method):
     """sensitivity(units='heads') -> plan(Target(heads=)) -> prune, no example inputs given: the pruned
     model computes what the masked one does, with fewer parameters."""

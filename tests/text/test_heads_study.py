@@ -38,6 +38,7 @@ def test_only_its_own_block_is_replaced(study, tmp_path):
     new = tmp_path / "new.md"
     study.replace_marked_block(new, "x")
     assert new.read_text() == "<!-- heads-study -->\nx\n<!-- heads-study -->\n"
+    assert new.stat().st_mode & 0o777 == 0o644 and not list(tmp_path.glob(".*"))
 
 
 def test_priority_order(study):

@@ -39,7 +39,7 @@ EXAMPLE = """example:
       --target heads=0.5 --finetune-steps 200 --out runs/reviews-h50
   hap heads --model runs/dense-classifier --data tweets --classes negative,neutral,positive --new-head ..."""
 
-METHODS = ("hap", "michel", "l1", "magnitude", "l2", "taylor", "obd", "random")
+METHODS = ("hap", "michel", "l1", "magnitude", "l2", "taylor", "random")  # obd: vmap fails in HF masking
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -115,6 +115,26 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
+def rerun_command(args: argparse.Namespace, out: Path, classes: list[str], balance: bool, train_epochs: float) -> str:
+    """The full ``hap heads`` command line that repeats this run (every option spelled out)."""
+    import shlex
+
+    parts = ["hap", "heads", "--model", str(args.model), "--data", str(args.data), "--classes", ",".join(classes)]
+    for flag, value in (("--text-column", args.text_column), ("--label-column", args.label_column)):
+        if value:
+            parts += [flag, value]
+    parts += ["--balance" if balance else "--no-balance"]
+    for flag in ("train_size", "val_size", "score_size", "test_size", "target", "method", "allocation", "sign",
+                 "max_samples", "max_length"):
+        parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.new_head:
+        parts.append("--new-head")
+    parts += ["--train-epochs", f"{train_epochs:g}", "--train-lr", f"{args.train_lr:g}",
+              "--finetune-steps", str(args.finetune_steps), "--finetune-lr", f"{args.finetune_lr:g}",
+              "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--out", str(out)]
+    return shlex.join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute ``hap heads`` (see the module docstring); returns the exit code."""
     import hap
@@ -140,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = {"train": args.train_size, "val": args.val_size, "score": args.score_size, "test": args.test_size}
     data = load_text_data(args.data, classes=classes, sizes=sizes, balance=balance, seed=args.seed,
                           text_column=args.text_column, label_column=args.label_column)
+    torch.manual_seed(args.seed)  # a new classification head is initialised from torch's global generator
     tm = load_text_model(args.model, data.label_names, new_head=args.new_head)
     if tm.label_names != data.label_names:
         data = data.with_label_order(tm.label_names)
@@ -155,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     config = {"command": "heads", **{k: v for k, v in vars(args).items() if k != "func"},
               "out": str(out), "model_dir": str(tm.path), "label_names": data.label_names, "new_head": tm.new_head,
-              "train_epochs_used": train_epochs, "max_length_used": max_length, "data_info": data.describe()}
+              "train_epochs_used": train_epochs, "max_length_used": max_length, "data_info": data.describe(),
+              "rerun": rerun_command(args, out, data.label_names, balance, train_epochs)}
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.json", "report.md"):  # never leave a previous run's results beside new files
         (out / stale).unlink(missing_ok=True)
@@ -264,15 +286,14 @@ def write_heads_report(directory: str | os.PathLike[str]) -> Path:
             f"{g['name'].split('.layer.')[-1].split('.')[0] if '.layer.' in g['name'] else g['name']}: "
             f"{len(g['kept'])}/{g['size']}" for g in plan["groups"]) + ".",
         "",
-        f"Sensitivity: {sens['method']}, {sens.get('samples', 0)} samples over {sens.get('batches', 0)} batches of "
-        f"the score split, {sens['wall_time_s']:.1f} s"
+        f"Sensitivity: {sens['method']}, {sens.get('samples', 0)} samples over {sens.get('batches', 0)} batch(es) "
+        f"of the score split, {sens['wall_time_s']:.1f} s"
         + (f", split-half rank stability {sens['split_half']:.3f}" if sens.get("split_half") is not None else "")
         + ".",
         "",
         "![heads per layer](heads.png)",
         "",
-        f"Rerun: `hap heads --model {cfg['model']} --data {cfg['data']} --method {c['method']} "
-        f"--target heads={c['heads']:g} --seed {c['seed']} --out {cfg['out']}`",
+        f"Rerun: `{cfg['rerun']}`",
         "",
     ]
     plot_widths(plan, d / "heads.png")

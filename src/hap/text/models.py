@@ -52,6 +52,11 @@ def resolve_model_dir(spec: str | os.PathLike[str]) -> Path:
             "or a directory holding config.json, the weights and the tokenizer files (e.g. written by "
             "save_pretrained, or fetched with 'huggingface-cli download ID --local-dir DIR' on a networked machine)"
         )
+    if (p / "plan.json").is_file() and (p / "base" / "config.json").is_file():
+        raise ValueError(
+            f"'{p}' is a 'hap heads' run (an already pruned model): load it with hap.text.load_run(dir); "
+            "--model needs an unpruned Hugging Face model directory"
+        )
     if not (p / "config.json").is_file():
         raise ValueError(
             f"'{p}' has no config.json, so it is not a Hugging Face model directory: save the model there with "
@@ -151,7 +156,8 @@ def load_text_model(
         spec: ``"minilm"`` or a local model directory (see :func:`resolve_model_dir`).
         label_names: The data's labels, in its id order.
         new_head: Replace a trained classification head by a new one for ``label_names`` (to reuse a
-            classifier's encoder for other labels).
+            classifier's encoder for other labels). A new head is drawn from torch's global generator:
+            call ``torch.manual_seed`` first for a reproducible one.
 
     Returns:
         The model with ``label_names`` reordered to the saved head's order if it names the same labels;
