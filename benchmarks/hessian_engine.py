@@ -37,7 +37,7 @@ import hap.models  # noqa: E402
 from _common import OUT, dense_resnet, machine  # noqa: E402
 from hap._reduce import UnitReducer  # noqa: E402
 from hap.finetune import load_weights  # noqa: E402
-from hap.hessian import _HVP, _rademacher, estimate_traces  # noqa: E402
+from hap.hessian import _HVP, _rademacher, estimate_traces, spearman  # noqa: E402
 
 VARIANTS = {
     "global (1 vector/product)": dict(probe="global", vectors_per_product=1),
@@ -67,8 +67,9 @@ def _setup(epochs: int, n_batches: int, batch: int = 128, checkpoint: str | None
     return model, data, summary, batches, units
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def _time(fn, repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -77,7 +78,7 @@ def _time(fn, repeats: int) -> float:
     return float(np.median(ts))
 
 
-def cost_per_sample(model, batches, units, repeats: int, per_batch: int) -> dict[str, float]:
+def cost_per_sample(model, batches, units, repeats: int, per_batch: int, layer_samples: int = 2) -> dict[str, float]:
     named = dict(model.named_parameters())
     names = sorted({s.param for u in units for s in u.slices})
     params = {n: named[n] for n in names}
@@ -119,7 +120,7 @@ def cost_per_sample(model, batches, units, repeats: int, per_batch: int) -> dict
             loss = F.cross_entropy(model(x), y)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
             gmap = dict(zip(names, grads, strict=True))
-            for _ in range(per_batch):
+            for _ in range(layer_samples):
                 for lnames in layers.values():
                     if full:
                         v = {n: torch.zeros(shapes[n]) for n in names}
@@ -141,8 +142,8 @@ def cost_per_sample(model, batches, units, repeats: int, per_batch: int) -> dict
     t_a = _time(engine("double_backward"), repeats) / per_batch
     t_a4 = _time(engine("double_backward", k=4), repeats) / per_batch
     t_a_f = _time(engine("functorch"), max(1, repeats // 2)) / per_batch
-    t_b = _time(per_layer(full=True), 1) / per_batch
-    t_b_own = _time(per_layer(full=False), 1) / per_batch
+    t_b = _time(per_layer(full=True), 1, warmup=False) / layer_samples  # 86 HVPs: already warm
+    t_b_own = _time(per_layer(full=False), 1, warmup=False) / layer_samples
     return {"grad_s": t_grad, "engine_s": t_a, "engine_batched4_s": t_a4, "engine_functorch_s": t_a_f,
             "per_layer_s": t_b, "per_layer_own_params_s": t_b_own,
             "layers": len(layers), "units": len(units), "params_in_units": sum(p.numel() for p in params.values())}
@@ -164,7 +165,8 @@ def stability(model, batches, units, variant: dict, budget: float, seed: int) ->
         at[f"{t:.0f}s"] = rows[-1][2] if rows else float("nan")
     neg = float(np.mean(est.trace < 0))
     return {"samples": est.samples, "seconds": est.wall_time_s, "split_half": est.split_half,
-            "split_half_at": at, "negative_fraction": neg, "median_rel_se": est.median_rel_se}
+            "split_half_at": at, "negative_fraction": neg, "median_rel_se": est.median_rel_se,
+            "trace": est.trace.tolist(), "count": est.samples_per_unit.tolist(), "weight": weight.tolist()}
 
 
 class _RssSampler:
@@ -194,7 +196,7 @@ class _RssSampler:
 
 
 def peak_memory(variant: str, epochs: int, checkpoint: str | None) -> float:
-    extra = ["--checkpoint", checkpoint] if checkpoint else []
+    extra = (["--checkpoint", checkpoint] if checkpoint else []) + ["--threads", str(torch.get_num_threads())]
     out = subprocess.run([sys.executable, __file__, "--epochs", str(epochs), "--only-memory", variant, *extra],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -207,51 +209,89 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings beside other jobs)")
     ap.add_argument("--checkpoint", default=None, help="use these ResNet-20 weights instead of the cached model")
     ap.add_argument("--only-memory", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(a.threads)
     model, data, summary, batches, units = _setup(a.epochs, a.batches, checkpoint=a.checkpoint)
     if a.only_memory is not None:
         with _RssSampler() as rss:
             stability(model, batches, units, VARIANTS[a.only_memory], budget=10.0, seed=0)
         print(rss.peak_mb - rss.base_mb)
         return
-    print(f"machine: {machine()}")
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
     what = a.checkpoint or f"{a.epochs} epochs"
-    print(f"model: resnet20 on Fashion-MNIST ({what}), val acc {summary['best_val_acc']:.4f}; "
-          f"{len(units)} channel units, batch 128")
+    say("# Hessian engine benchmark")
+    say()
+    say(f"Command: `python benchmarks/hessian_engine.py {' '.join(sys.argv[1:])}`. Machine: {machine()}.")
+    say(f"Model: ResNet-20 on Fashion-MNIST ({what}, val top-1 {summary['best_val_acc']:.4f}), {len(units)} "
+        f"channel units, batches of 128 training images, model in eval mode.")
+    say()
     c = cost_per_sample(model, batches, units, a.repeats, per_batch=8)
-    print("\n== cost of one Hutchinson sample (8 samples per batch visit, median of repeats) ==")
-    print(f"(c) plain gradient                 {c['grad_s'] * 1e3:8.1f} ms")
-    print(f"(a) engine, all units per HVP      {c['engine_s'] * 1e3:8.1f} ms   "
-          f"(a)/(c) = {c['engine_s'] / c['grad_s']:.2f}")
-    print(f"(a') engine, functorch jvp(grad)   {c['engine_functorch_s'] * 1e3:8.1f} ms   (a')/(c) = "
-          f"{c['engine_functorch_s'] / c['grad_s']:.2f}")
-    print(f"(a4) engine, 4 vectors batched     {c['engine_batched4_s'] * 1e3:8.1f} ms   (a4)/(c) = "
-          f"{c['engine_batched4_s'] / c['grad_s']:.2f}")
-    print(f"(b) per-layer loop, PyHessian-style ({c['layers']} layers) {c['per_layer_s'] * 1e3:8.1f} ms   (b)/(a) = "
-          f"{c['per_layer_s'] / c['engine_s']:.1f}  (goal >= {0.8 * c['layers']:.1f})")
-    print(f"(b') per-layer loop, HVP w.r.t. the layer only  {c['per_layer_own_params_s'] * 1e3:8.1f} ms   (b')/(a) = "
-          f"{c['per_layer_own_params_s'] / c['engine_s']:.1f}")
+    g = c["grad_s"]
+    say("## Cost of one Hutchinson sample")
+    say()
+    say("8 probe vectors per visit of a batch (the first-order graph is built once per visit and counted); "
+        f"median of {a.repeats} repeats (the per-layer loops: one timed run of 2 samples).")
+    say()
+    say("| estimator | ms per sample | ratio |")
+    say("|---|---:|---:|")
+    say(f"| (c) plain gradient (forward + backward) | {g * 1e3:.1f} | 1.00 x (c) |")
+    say(f"| (a) ours: one vector over all units, one HVP (double backward) | {c['engine_s'] * 1e3:.1f} | "
+        f"{c['engine_s'] / g:.2f} x (c) |")
+    say(f"| (a4) ours, 4 vectors per vectorised product | {c['engine_batched4_s'] * 1e3:.1f} | "
+        f"{c['engine_batched4_s'] / g:.2f} x (c) |")
+    say(f"| (a') ours, functorch `jvp(grad)` backend | {c['engine_functorch_s'] * 1e3:.1f} | "
+        f"{c['engine_functorch_s'] / g:.2f} x (c) |")
+    say(f"| (b) per-layer loop, PyHessian-style ({c['layers']} layers: full HVP, vector zero outside the layer) | "
+        f"{c['per_layer_s'] * 1e3:.1f} | (b)/(a) = {c['per_layer_s'] / c['engine_s']:.1f} |")
+    say(f"| (b') per-layer loop, HVP w.r.t. the layer's own parameters only | {c['per_layer_own_params_s'] * 1e3:.1f} "
+        f"| (b')/(a) = {c['per_layer_own_params_s'] / c['engine_s']:.1f} |")
+    say()
+    say(f"## Ranking stability per second ({a.budget:.0f} s of estimation per variant, {a.seeds} seeds)")
+    say()
+    say("Split-half rank correlation (Spearman) of the unit scores `Tr/n * ||w||^2`, from the even vs the odd "
+        "samples, after 25%, 50% and 100% of the budget (mean ± std over seeds). 'agreement' is the Spearman "
+        "correlation of the variant's final scores with the scores from the pooled samples of all *other* "
+        "Hessian variants (leave-one-out), i.e. whether it ranks like the Hessian does. '+MB' is the peak "
+        "resident memory above the level before estimation, in a fresh process.")
+    say()
+    fr = [f"{a.budget * f:.0f} s" for f in (0.25, 0.5, 1.0)]
+    say(f"| variant | samples | split-half @{fr[0]} | @{fr[1]} | @{fr[2]} | agreement | negative traces | +MB |")
+    say("|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = {}
-    print(f"\n== split-half rank stability of the unit scores vs wall time ({a.budget:.0f} s per variant, "
-          f"{a.seeds} seeds) ==")
-    print(f"{'variant':40s} {'samples':>8s} " + " ".join(f"{'@' + k:>9s}" for k in ("25%", "50%", "100%"))
-          + f" {'neg.tr':>7s} {'+MB':>7s}")
     for name, v in VARIANTS.items():
         runs = [stability(model, batches, units, v, a.budget, seed=s) for s in range(a.seeds)]
-        mem = peak_memory(name, a.epochs, a.checkpoint)
+        rows[name] = {"runs": runs, "peak_rss_mb": peak_memory(name, a.epochs, a.checkpoint)}
+    weight = np.array(rows[next(iter(rows))]["runs"][0]["weight"])
+    hess = [n for n in rows if "fisher" not in n]
+    for name, row in rows.items():
+        runs = row["runs"]
+        others = [r for n in hess if n != name for r in rows[n]["runs"]]
+        num = sum(np.nan_to_num(np.array(r["trace"])) * np.array(r["count"]) for r in others)
+        den = sum(np.array(r["count"]) for r in others)
+        ref = num / np.maximum(den, 1) * weight
+        agree = [spearman(np.array(r["trace"]) * weight, ref) for r in runs]
         ats = np.array([[r["split_half_at"][k] for k in r["split_half_at"]] for r in runs])
         mean, sd = np.nanmean(ats, 0), np.nanstd(ats, 0)
-        rows[name] = {"runs": runs, "peak_rss_mb": mem}
-        print(f"{name:40s} {np.mean([r['samples'] for r in runs]):8.0f} "
-              + " ".join(f"{m:5.3f}±{s:.2f}" for m, s in zip(mean, sd, strict=True))
-              + f" {np.mean([r['negative_fraction'] for r in runs]):7.2f} {mem:7.0f}")
+        row["agreement"] = agree
+        say(f"| {name} | {np.mean([r['samples'] for r in runs]):.0f} | "
+            + " | ".join(f"{m:.3f} ± {s_:.3f}" for m, s_ in zip(mean, sd, strict=True))
+            + f" | {np.mean(agree):.3f} | {100 * np.mean([r['negative_fraction'] for r in runs]):.0f}% | "
+            f"{row['peak_rss_mb']:.0f} |")
+    say()
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "hessian_engine.json").write_text(json.dumps({"machine": machine(), "cost": c, "stability": rows,
                                                           "budget_s": a.budget}, indent=1, default=float))
-    print(f"\nwritten: {OUT / 'hessian_engine.json'}")
+    doc = Path(__file__).resolve().parent.parent / "docs" / "engine.md"
+    hap._utils.atomic_write_text(doc, "\n".join(lines) + "\n")
+    print(f"written: {doc} and {OUT / 'hessian_engine.json'}")
 
 
 if __name__ == "__main__":
