@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import hap
 from hap.plan import GroupPlan
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Batch-1 forwards on a shared 2-core machine are much faster (and steadier) single-threaded."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 class ImplantNet(nn.Module):

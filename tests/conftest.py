@@ -79,7 +79,8 @@ def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tests use tiny tensors: one intra-op thread avoids oversubscribing a 2-core machine."""
+    """Every test in the tree uses tiny tensors: with intra-op threads on a shared 2-core machine they
+    spin-wait and small convs get ~50x slower, so one thread, restored afterwards."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

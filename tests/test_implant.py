@@ -19,7 +19,7 @@ from hap.implant import (
     slice_conv,
 )
 
-from ._plan_helpers import ImplantNet, example, masked, one_thread, randomize, scores  # noqa: F401
+from ._plan_helpers import ImplantNet, example, masked, randomize, scores  # noqa: F401
 
 CONVS = [
     dict(cls=nn.Conv2d, k=3, stride=1, padding=1, dilation=1),

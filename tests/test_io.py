@@ -13,7 +13,7 @@ import hap
 import hap.models as zoo
 from hap.implant import ImplantedConv
 
-from ._plan_helpers import example, one_thread, randomize, scores  # noqa: F401
+from ._plan_helpers import example, randomize, scores  # noqa: F401
 
 _CACHE: dict[tuple, tuple] = {}
 

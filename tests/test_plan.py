@@ -17,7 +17,7 @@ from hap.models.tiny import TinyConcatDepthwise
 from hap.models.vgg import VGG, VGG16_CONFIG
 from hap.plan import GroupPlan, PlanError, PruningPlan, Target
 
-from ._plan_helpers import example, one_thread, randomize, scores  # noqa: F401
+from ._plan_helpers import example, randomize, scores  # noqa: F401
 
 
 def _net(name: str):

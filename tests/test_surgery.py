@@ -13,7 +13,7 @@ import hap.models as zoo
 from hap.implant import ImplantedConv, ScatterImplantedConv
 from hap.plan import GroupPlan
 
-from ._plan_helpers import ImplantNet, example, masked, one_thread, randomize, scores  # noqa: F401
+from ._plan_helpers import ImplantNet, example, masked, randomize, scores  # noqa: F401
 from .conftest import make_tiny
 
 

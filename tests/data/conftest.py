@@ -9,27 +9,17 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 IDX_CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C}
 IDX_CODES |= {np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
 
 N_TRAIN, N_TEST, N_CLASSES = 200, 50, 10
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    # Small tensor ops on a shared 2-core machine are much faster without intra-op threads.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def write_idx_file(path: Path, array: np.ndarray, compress: bool = True) -> None:

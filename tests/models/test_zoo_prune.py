@@ -10,14 +10,6 @@ import hap
 import hap.models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _check(name: str) -> None:
     torch.manual_seed(0)
     model = hap.models.create(name, num_classes=10, in_channels=1)

@@ -21,15 +21,6 @@ NEGATIVE = WORDS[4:8]
 FILLER = WORDS[8:]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine is shared and the models tiny: one intra-op thread, restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_tokenizer(directory: Path):
     """A word-level BertTokenizerFast from a vocabulary file written here."""
     directory.mkdir(parents=True, exist_ok=True)
