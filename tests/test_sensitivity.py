@@ -35,13 +35,24 @@ def test_hap_score_is_relative_trace_times_squared_norm():
 
 def test_hap_converges_to_exact_scores():
     model, x, y = make_tiny("mlp")
-    sens = hap.sensitivity(model, F.cross_entropy, [(x, y)], max_samples=3000, min_samples=3000,
+    sens = hap.sensitivity(model, F.cross_entropy, [(x, y)], curvature="hessian", max_samples=3000, min_samples=3000,
                            vectors_per_product=20, samples_per_batch=500, stability=None, tol=0.0, progress=False)
     exact = exact_block_traces(model, [u.unit for u in sens.units], x, y).numpy()
     tr = np.array([u.trace for u in sens.units])
     se = np.array([u.trace_se for u in sens.units])
     assert np.all(np.abs(tr - exact) < 4.5 * se)
     assert hap.hessian.spearman(tr, exact) > 0.9
+
+
+def test_auto_curvature_is_fisher_for_channels_with_its_own_sample_bounds():
+    model, x, y = make_tiny("convbn")
+    sens = hap.sensitivity(model, F.cross_entropy, [(x, y)], stability=None, tol=0.0, progress=False)
+    assert sens.settings["curvature"] == "fisher" and sens.samples == 8192 and sens.settings["max_samples"] == 8192
+    sens = hap.sensitivity(model, F.cross_entropy, [(x, y)], curvature="hessian", stability=None, tol=0.0,
+                           progress=False)
+    assert sens.settings["curvature"] == "hessian" and sens.samples == 512
+    with pytest.raises(ValueError, match="curvature"):
+        hap.sensitivity(model, F.cross_entropy, [(x, y)], curvature="newton")
 
 
 def test_producer_scope_uses_only_producer_slices():

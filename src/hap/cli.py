@@ -76,12 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--batches", type=int, default=8, help="distinct training batches to average over")
-    s.add_argument("--max-samples", type=int, default=256)
-    s.add_argument("--min-samples", type=int, default=32)
+    s.add_argument("--max-samples", type=int, default=None, help="default 512 probes (hessian), 8192 examples (fisher)")
+    s.add_argument("--min-samples", type=int, default=None)
     s.add_argument("--tol", type=float, default=0.05, help="stop at this median relative standard error")
     s.add_argument("--stability", type=float, default=0.95, help="stop at this split-half rank correlation")
     s.add_argument("--probe", default="global", choices=["global", "partitioned"])
-    s.add_argument("--curvature", default="hessian", choices=["hessian", "fisher"])
+    s.add_argument("--curvature", default="auto", choices=["auto", "hessian", "fisher"],
+                   help="auto: Monte-Carlo Fisher for channels (most stable per second, docs/engine.md)")
     s.add_argument("--scope", default="all", choices=["all", "producer"])
     s.add_argument("--no-progress", action="store_true")
 
@@ -109,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-layer-ratio", type=float, default=0.95)
     p.add_argument("--round-to", type=int, default=1)
     p.add_argument("--sign", default="signed", choices=["signed", "clamp", "abs"])
-    p.add_argument("--max-samples", type=int, default=256)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--curvature", default="auto", choices=["auto", "hessian", "fisher"])
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--kd", type=float, default=0.0, help="distillation weight from the unpruned model (0: off)")
@@ -283,7 +285,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     p = argparse.Namespace(
         data="fashion-mnist", data_root=None, subset=args.subset, seed=0, model="resnet20",
         checkpoint=str(dense / "best.safetensors"), method="hap", target="params=0.5", allocation="global",
-        implant="pointwise", implant_fraction=0.1, max_layer_ratio=0.95, round_to=1, sign="signed", max_samples=128,
+        implant="pointwise", implant_fraction=0.1, max_layer_ratio=0.95, round_to=1, sign="signed", max_samples=None,
+        curvature="auto",
         finetune_epochs=1, lr=0.01, kd=0.0, out=str(Path(args.out) / "hap-params50-pointwise"), resume=False,
         overwrite=True, no_progress=args.no_progress,
     )
@@ -324,6 +327,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = PruneConfig(method=args.method, target=target, allocation=args.allocation, implant=args.implant,
                       implant_fraction=args.implant_fraction, max_layer_ratio=args.max_layer_ratio,
                       round_to=args.round_to, sign=args.sign, max_samples=args.max_samples, seed=args.seed,
+                      curvature=args.curvature,
                       finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.lr, kd_alpha=args.kd, seed=args.seed))
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", {"command": "prune", **vars(args)})

@@ -279,6 +279,11 @@ def _logits(outputs: Any) -> torch.Tensor:
     raise ValueError("curvature='fisher' needs the model to output logits (a tensor or an object with .logits)")
 
 
+def _batched_keys(inputs: Mapping[str, Any], n: int) -> set[str]:
+    """Keyword inputs that carry one row per example (others, e.g. a scalar flag, are shared)."""
+    return {k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n}
+
+
 def per_example_grads(
     model: nn.Module,
     loss_fn: LossFn,
@@ -293,16 +298,21 @@ def per_example_grads(
     (B copies of the unit parameters).
     """
     detached = {n: p.detach() for n, p in params.items()}
+    n = len(targets)
+    keys = _batched_keys(inputs, n) if isinstance(inputs, Mapping) else set()
 
     def single(ps: dict[str, torch.Tensor], x: Any, y: Any) -> torch.Tensor:
-        xb = {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, Mapping) else x.unsqueeze(0)
+        if isinstance(x, Mapping):
+            xb = {k: (v.unsqueeze(0) if k in keys else v) for k, v in x.items()}
+        else:
+            xb = x.unsqueeze(0)
         return loss_fn(_functional(model, ps, xb), y.unsqueeze(0))
 
-    g = vmap(grad(single), in_dims=(None, 0, 0))
-    n = len(targets)
+    in_x: Any = {k: (0 if k in keys else None) for k in inputs} if isinstance(inputs, Mapping) else 0
+    g = vmap(grad(single), in_dims=(None, in_x, 0))
     for s in range(0, n, chunk):
         if isinstance(inputs, Mapping):
-            xs: Any = {k: v[s : s + chunk] for k, v in inputs.items()}
+            xs: Any = {k: (v[s : s + chunk] if k in keys else v) for k, v in inputs.items()}
         else:
             xs = inputs[s : s + chunk]
         yield g(detached, xs, targets[s : s + chunk])
@@ -513,13 +523,14 @@ def _fisher_samples(
     model's own predictive distribution (its expectation is the Fisher block trace)."""
     inputs, targets = batch
     if isinstance(inputs, Mapping):
-        inputs = {k: v[:limit] for k, v in inputs.items()}
+        keys = _batched_keys(inputs, len(targets))
+        inputs = {k: (v[:limit] if k in keys else v) for k, v in inputs.items()}
     else:
         inputs = inputs[:limit]
     with torch.no_grad():
-        logits = _logits(call_model(model, inputs))
-        if not torch.isfinite(logits).all():
-            raise RuntimeError(f"the model output is not finite on batch {batch_index}: check the inputs")
+        outputs = call_model(model, inputs)
+        check_loss(loss_fn(outputs, targets[: len(_logits(outputs))]), batch_index)
+        logits = _logits(outputs)
         probs = torch.softmax(logits.double(), dim=-1)
         sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).reshape(probs.shape[:-1])
     sampled = sampled.to(getattr(targets, "dtype", torch.long))

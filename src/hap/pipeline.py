@@ -41,8 +41,8 @@ class PruneConfig:
     round_to: int = 1
     sign: str = "signed"
     scope: str = "all"
-    curvature: str = "hessian"
-    max_samples: int = 256
+    curvature: str = "auto"
+    max_samples: int | None = None
     sens_batches: int = 8
     sens_batch_size: int = 128
     bn_batches: int = 40

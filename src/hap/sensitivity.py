@@ -246,8 +246,8 @@ def sensitivity(
     units: str | Sequence[Unit] = "channels",
     method: str = "hap",
     *,
-    max_samples: int = 512,
-    min_samples: int = 32,
+    max_samples: int | None = None,
+    min_samples: int | None = None,
     tol: float = 0.05,
     stability: float | None = 0.95,
     samples_per_batch: int = 8,
@@ -255,7 +255,7 @@ def sensitivity(
     probe: str = "global",
     partitions: int = 4,
     vectors_per_product: int = 1,
-    curvature: str = "hessian",
+    curvature: str = "auto",
     backend: str = "auto",
     scope: str = "all",
     exclude: Sequence[str | nn.Module] | None = None,
@@ -273,8 +273,16 @@ def sensitivity(
             heads, transformers), or a list of units from :func:`hap.channel_groups`.
         method: ``"hap"`` or a baseline: ``"l1"``/``"magnitude"``, ``"l2"``, ``"taylor"``, ``"obd"``,
             ``"michel"`` (heads only), ``"random"``.
-        max_samples, min_samples, tol, stability, samples_per_batch, max_batches, probe, partitions,
-        vectors_per_product, curvature, backend, max_seconds: See :func:`hap.hessian.estimate_traces`.
+        curvature: ``"fisher"``, ``"hessian"`` or ``"auto"`` (default): the Monte-Carlo Fisher for channel
+            units, Hutchinson's Hessian for heads. Measured in ``benchmarks/hessian_engine.py`` (docs/engine.md)
+            on ResNet-20: the Fisher's ranking reaches a split-half stability of 0.98 in 11 s where 45 s of
+            Hutchinson products reach 0.38, and it agrees with the pooled Hessian ranking better (0.89) than any
+            single Hutchinson run does (<= 0.79). Heads stay on the Hessian: per-example ``vmap`` gradients do
+            not trace through Hugging Face attention-mask code.
+        max_samples, min_samples: Bounds on samples: probe vectors (Hessian; default 32..512) or examples
+            (Fisher; default 256..8192).
+        tol, stability, samples_per_batch, max_batches, probe, partitions, vectors_per_product, backend,
+        max_seconds: See :func:`hap.hessian.estimate_traces`.
         scope: ``"all"`` slices removed with a unit enter its score, or only the ``"producer"``'s.
         exclude: Layers never pruned (only with ``units="channels"``).
         seed: Seeds every random choice.
@@ -287,6 +295,13 @@ def sensitivity(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if curvature not in ("auto", "fisher", "hessian"):
+        raise ValueError(f"curvature must be 'auto', 'fisher' or 'hessian', got {curvature!r}")
+    if curvature == "auto":
+        curvature = "hessian" if isinstance(units, str) and units == "heads" else "fisher"
+    lo, hi = (256, 8192) if curvature == "fisher" else (32, 512)
+    max_samples = hi if max_samples is None else max_samples
+    min_samples = min(lo, max_samples) if min_samples is None else min_samples
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
     start = time.perf_counter()
