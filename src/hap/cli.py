@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="end-to-end run on the packaged Fashion-MNIST",
                        epilog=EXAMPLES["demo"], formatter_class=fmt)
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=2, help="dense training epochs on the subset")
+    d.add_argument("--epochs", type=int, default=3, help="dense training epochs on the subset")
     d.add_argument("--subset", type=int, default=12000, help="training images used (of 54,000)")
     d.add_argument("--no-progress", action="store_true")
 
