@@ -55,7 +55,7 @@ from hap.text import (  # noqa: E402
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 MARKER = "<!-- heads-study -->"
 METHOD_NAMES = {"hap": "HAP (Hessian trace)", "michel": "Michel et al. 2019", "l1": "L1 magnitude",
-                "random": "random"}
+                "random": "random", "hap-fisher": "HAP (Fisher trace)"}
 
 FULL = dict(sizes={"train": 4000, "val": 500, "score": 512, "test": 1000}, dense_epochs=1.0, ft_steps=60,
             max_samples=128, seeds=[0, 1])
@@ -212,7 +212,7 @@ def results_table(out: Path, args: argparse.Namespace, dense: dict[str, Any], da
         rs = [r for r in pruned if r["target"] == t and r["method"] == m]
         acc = [r["test_acc"] for r in rs]
         delta = "-" if ctrl_acc is None else f"{100 * (np.mean(acc) - ctrl_acc):+.1f}"
-        split = _mean_se([r["sens_split_half"] for r in rs], 1.0, 2) if m == "hap" else "-"
+        split = _mean_se([r["sens_split_half"] for r in rs], 1.0, 2) if m in ("hap", "hap-fisher") else "-"
         lines.append(
             f"| {METHOD_NAMES.get(m, m)} | {rs[0]['heads_base'] - rs[0]['heads']} of {rs[0]['heads_base']} "
             f"({100 * rs[0]['heads_removed']:.0f}) | "

@@ -440,3 +440,12 @@ def test_sensitivity_on_heads_needs_no_attention_switch(method):
     assert len(sens.units) == len(hap.head_units(model)) and sens.method == method
     assert all(u.unit.kind == "head" for u in sens.units)
     assert [c._attn_implementation for c in [model.config]] == before
+
+
+def test_fisher_curvature_on_heads_uses_the_looped_fallback():
+    """vmap cannot trace Hugging Face mask code; the Fisher still works (per-example loop), positive."""
+    model = make_model("bert")
+    batches = [make_batch(s) for s in range(2)]
+    sens = hap.sensitivity(model, loss_fn, batches, units="heads", max_samples=12, progress=False)
+    assert sens.settings["curvature"] == "fisher" and sens.samples == 12
+    assert all(u.trace > 0 for u in sens.units)

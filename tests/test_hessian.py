@@ -197,3 +197,17 @@ def test_bad_inputs():
     other = nn.Sequential(nn.Linear(5, 3)).double()
     with pytest.raises(ValueError, match="does not have"):
         estimate_traces(other, F.cross_entropy, [(x, y)], units, progress=False)
+
+
+def test_looped_per_example_gradients_equal_vmap():
+    """The fallback for models vmap cannot trace gives the same per-example gradients."""
+    from hap.hessian import _looped_grads, per_example_grads
+
+    model, x, y = make_tiny("residual", n=5)
+    model.eval()
+    units = _units(model, x)
+    _, params = unit_params(model, units)
+    (vm,) = list(per_example_grads(model, F.cross_entropy, params, x, y, chunk=8))
+    lp = _looped_grads(model, F.cross_entropy, params, x, y, set())
+    for n in params:
+        torch.testing.assert_close(vm[n], lp[n])

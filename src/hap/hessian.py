@@ -310,12 +310,38 @@ def per_example_grads(
 
     in_x: Any = {k: (0 if k in keys else None) for k in inputs} if isinstance(inputs, Mapping) else 0
     g = vmap(grad(single), in_dims=(None, in_x, 0))
+    vectorised = True
     for s in range(0, n, chunk):
         if isinstance(inputs, Mapping):
             xs: Any = {k: (v[s : s + chunk] if k in keys else v) for k, v in inputs.items()}
         else:
             xs = inputs[s : s + chunk]
-        yield g(detached, xs, targets[s : s + chunk])
+        ys = targets[s : s + chunk]
+        if vectorised:
+            try:
+                yield g(detached, xs, ys)
+                continue
+            except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                # Some models (Hugging Face attention-mask code, data-dependent control flow) cannot be
+                # traced by vmap: fall back to one backward pass per example, same result, slower.
+                vectorised = False
+        yield _looped_grads(model, loss_fn, params, xs, ys, keys)
+
+
+def _looped_grads(
+    model: nn.Module, loss_fn: LossFn, params: dict[str, torch.Tensor], xs: Any, ys: Any, keys: set[str]
+) -> dict[str, torch.Tensor]:
+    names = list(params)
+    rows: list[list[torch.Tensor]] = []
+    for i in range(len(ys)):
+        if isinstance(xs, Mapping):
+            xi: Any = {k: (v[i : i + 1] if k in keys else v) for k, v in xs.items()}
+        else:
+            xi = xs[i : i + 1]
+        loss = loss_fn(call_model(model, xi), ys[i : i + 1])
+        gs = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
+        rows.append([torch.zeros_like(params[k]) if g is None else g.detach() for k, g in zip(names, gs, strict=True)])
+    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(names)}
 
 
 def estimate_traces(

@@ -39,7 +39,7 @@ EXAMPLE = """example:
       --target heads=0.5 --finetune-steps 200 --out runs/reviews-h50
   hap heads --model runs/dense-classifier --data tweets --classes negative,neutral,positive --new-head ..."""
 
-METHODS = ("hap", "michel", "l1", "magnitude", "l2", "taylor", "random")  # obd: vmap fails in HF masking
+METHODS = ("hap", "hap-fisher", "michel", "l1", "magnitude", "l2", "taylor", "random")  # obd: vmap fails in HF masking
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

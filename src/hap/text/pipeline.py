@@ -29,7 +29,7 @@ from .finetune import TextTrainConfig, evaluate_text, train_text
 __all__ = ["HeadsConfig", "classifier_loss", "score_heads", "prune_heads_and_finetune", "latency_batch"]
 
 # "obd" is missing: its per-example gradients (torch.func.vmap) fail inside transformers' mask building.
-HEAD_METHODS = ("hap", "michel", "l1", "magnitude", "l2", "taylor", "random")
+HEAD_METHODS = ("hap", "hap-fisher", "michel", "l1", "magnitude", "l2", "taylor", "random")
 
 
 def classifier_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
@@ -83,10 +83,14 @@ def score_heads(
     loader = TextLoader(texts, labels, tokenizer, cfg.score_batch_size, max_length=cfg.max_length,
                         limit=cfg.score_batch_size * cfg.score_batches)
     kw: dict[str, Any] = {}
-    if cfg.method == "hap":
-        kw = dict(max_samples=cfg.max_samples, min_samples=min(32, cfg.max_samples),
+    method = cfg.method
+    if method == "hap":  # the paper's estimator: Hutchinson's Hessian traces
+        kw = dict(curvature="hessian", max_samples=cfg.max_samples, min_samples=min(32, cfg.max_samples),
                   samples_per_batch=max(1, min(8, cfg.max_samples)))
-    sens = sensitivity(model, classifier_loss, loader, units="heads", method=cfg.method, max_batches=cfg.score_batches,
+    elif method == "hap-fisher":  # same score, Monte-Carlo Fisher curvature: one example = one sample
+        method = "hap"
+        kw = dict(curvature="fisher")
+    sens = sensitivity(model, classifier_loss, loader, units="heads", method=method, max_batches=cfg.score_batches,
                        seed=cfg.seed, progress=progress, **kw)
     sens.settings.update(split="score", examples=len(loader.texts), max_length=cfg.max_length)
     return sens
