@@ -249,6 +249,7 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hap.finetune import TrainConfig, evaluate, train
+    from hap.metrics import count_params
 
     out = Path(args.out)
     _check_run_dir(out, args.resume, args.overwrite)
@@ -261,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     res = train(model, data, cfg, out_dir=out, resume=args.resume, progress=not args.no_progress)
     test = evaluate(model, data.loader("test", 512))
     metrics = {"best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "test_acc": test["acc"],
-               "params": sum(p.numel() for p in model.parameters()), "seconds": res.seconds}
+               "params": count_params(model), "seconds": res.seconds}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps(metrics))
     return 0

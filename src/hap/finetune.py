@@ -9,7 +9,6 @@ tensors, so a resumed run follows the same trajectory. Model selection uses the 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -258,7 +257,3 @@ def train(
         model.load_state_dict(best_state)
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def clone(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)

@@ -10,7 +10,8 @@ import hap
 import hap.models
 
 
-def _check(name: str) -> None:
+@pytest.mark.parametrize("name", hap.models.list_models())
+def test_zoo_model_trains_and_prunes_to_half(name):
     torch.manual_seed(0)
     model = hap.models.create(name, num_classes=10, in_channels=1)
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
@@ -25,7 +26,3 @@ def _check(name: str) -> None:
     out = small.eval()(x)
     assert out.shape == (4, 10) and torch.isfinite(out).all()
 
-
-@pytest.mark.parametrize("name", hap.models.list_models())
-def test_zoo_model_trains_and_prunes_to_half(name):
-    _check(name)
