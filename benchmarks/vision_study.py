@@ -43,6 +43,7 @@ from hap.metrics import count_macs, count_params  # noqa: E402
 from hap.pipeline import PruneConfig, evaluate_model, paired_latency, prune_and_finetune  # noqa: E402
 
 STUDY = OUT / "vision_study"
+SENS = OUT / "vision_study" / "sens"  # shared by every budget: a sensitivity does not depend on the fine-tune
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 
 OURS = {
@@ -92,7 +93,7 @@ def _budget(args, seed) -> TrainConfig:
 def _sens_cache(model, data, method, seed, args, curvature="hessian"):
     """One sensitivity per (criterion, seed), shared by every target and allocation."""
     tag = method if curvature == "hessian" else f"{method}-{curvature}"
-    path = STUDY / "sens" / f"{tag}_s{seed}.json"
+    path = SENS / f"{tag}_s{seed}.json"
     if path.is_file():
         return hap.Sensitivity.load(path)
     gen = torch.Generator().manual_seed(seed)
@@ -211,7 +212,7 @@ def write_results(args, dense_summary, dense_test) -> None:
     ctrl = float(np.mean(control)) if control else None
     n_test = len(dense_summary.get("test", [])) if isinstance(dense_summary.get("test"), list) else 10000
     lines = [
-        "# Results: vision study (ResNet-20, Fashion-MNIST)",
+        f"# Results: vision study (ResNet-20, Fashion-MNIST){'' if args.name == 'vision_study' else ': ' + args.name}",
         "",
         f"Produced by `python benchmarks/vision_study.py {' '.join(sys.argv[1:])}` on {machine()}.",
         f"Dense ResNet-20: {dense_summary['epochs']} epochs (cosine, SGD 0.1), best val top-1 "
@@ -241,7 +242,7 @@ def write_results(args, dense_summary, dense_test) -> None:
     lines += ["", f"Wall time of the finished runs: {total / 60:.0f} min. Runs still missing from the grid are "
               "simply not listed; rerun the command to continue.", ""]
     DOCS.parent.mkdir(parents=True, exist_ok=True)
-    marker = "<!-- vision-study -->"
+    marker = f"<!-- {args.name.replace('_', '-')} -->"
     old = DOCS.read_text() if DOCS.is_file() else ""
     body = "\n".join(lines)
     if marker in old:
@@ -267,7 +268,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument("--name", default="vision_study",
+                    help="study directory under benchmarks/out and its block in docs/results.md: give a study "
+                         "with another budget its own name (sensitivities are shared)")
     args = ap.parse_args()
+    global STUDY
+    STUDY = OUT / args.name
     args.ft_steps = args.ft_steps or None
     torch.set_num_threads(args.threads)
     STUDY.mkdir(parents=True, exist_ok=True)

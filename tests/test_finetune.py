@@ -10,7 +10,15 @@ import torch.nn as nn
 
 import hap.data
 import hap.models
-from hap.finetune import TrainConfig, evaluate, load_weights, recalibrate_bn, save_weights, train
+from hap.finetune import (
+    TrainConfig,
+    evaluate,
+    load_weights,
+    pick_memory_format,
+    recalibrate_bn,
+    save_weights,
+    train,
+)
 
 
 class _Data:
@@ -49,7 +57,7 @@ def _model():
 
 
 def test_interrupted_run_keeps_a_valid_checkpoint_and_resumes_identically(tmp_path):
-    cfg = TrainConfig(epochs=3, lr=0.1, batch_size=16, augment=False, seed=0)
+    cfg = TrainConfig(epochs=3, lr=0.1, batch_size=16, augment=False, seed=0, memory_format="contiguous")
     # uninterrupted reference
     ref = _model()
     train(ref, _Data(), cfg, out_dir=tmp_path / "ref", progress=False)
@@ -115,3 +123,39 @@ def test_fashion_mnist_training_improves_on_a_subset():
     before = evaluate(model, data.loader("val", 256))["acc"]
     res = train(model, data, TrainConfig(epochs=2, lr=0.05, batch_size=32), progress=False)
     assert res.best_val_acc > before + 0.2
+
+
+def test_channels_last_training_matches_contiguous_and_returns_a_contiguous_model():
+    results, models = {}, {}
+    for fmt in ("contiguous", "channels_last"):
+        m = _model()
+        results[fmt] = train(m, _Data(), TrainConfig(epochs=2, lr=0.1, batch_size=16, augment=False,
+                                                    memory_format=fmt), progress=False)
+        models[fmt] = m
+    assert results["channels_last"].memory_format == "channels_last"
+    assert results["contiguous"].memory_format == "contiguous"
+    conv = models["channels_last"][0].weight
+    assert conv.is_contiguous()  # handed back in the layout it came in
+    for a, b in zip(models["channels_last"].state_dict().values(), models["contiguous"].state_dict().values(),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # same arithmetic up to summation order
+
+
+def test_auto_memory_format_probe_leaves_the_model_untouched():
+    m = _model()
+    m[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    d = _Data()
+    choice = pick_memory_format(m, d.x[:16], d.y[:16], reps=1)
+    assert choice in ("contiguous", "channels_last")
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert all(p.grad is None for p in m.parameters())
+    assert pick_memory_format(nn.Linear(4, 2), torch.randn(3, 4), torch.tensor([0, 1, 0])) == "contiguous"
+    res = train(_model(), _Data(), TrainConfig(epochs=1, batch_size=16, augment=False), progress=False)
+    assert res.memory_format in ("contiguous", "channels_last")
+
+
+def test_unknown_memory_format_is_a_clear_error():
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        train(_model(), _Data(), TrainConfig(epochs=1, memory_format="nhwc"), progress=False)

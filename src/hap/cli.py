@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=15)
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                   help="conv tensor layout for training (auto: time both on one batch, keep the faster)")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--overwrite", action="store_true", help="start over in a directory that holds a run")
@@ -114,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--curvature", default="auto", choices=["auto", "hessian", "fisher"])
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                   help="conv tensor layout for training (auto: time both on one batch, keep the faster)")
     p.add_argument("--kd", type=float, default=0.0, help="distillation weight from the unpruned model (0: off)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true")
@@ -127,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_args(f)
     f.add_argument("--epochs", type=int, default=1)
     f.add_argument("--lr", type=float, default=0.01)
+    f.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                   help="conv tensor layout for training (auto: time both on one batch, keep the faster)")
     f.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="accuracy, params, MACs and CPU latency of a model", epilog=EXAMPLES["eval"],
@@ -256,7 +262,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = _load_data(args)
     torch.manual_seed(args.seed)
     model = _build_model(args.model, data, None)
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                      memory_format=args.memory_format)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"command": "train", **vars(args)}, indent=1))
     res = train(model, data, cfg, out_dir=out, resume=args.resume, progress=not args.no_progress)
@@ -329,7 +336,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       implant_fraction=args.implant_fraction, max_layer_ratio=args.max_layer_ratio,
                       round_to=args.round_to, sign=args.sign, max_samples=args.max_samples, seed=args.seed,
                       curvature=args.curvature,
-                      finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.lr, kd_alpha=args.kd, seed=args.seed))
+                      finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.lr, kd_alpha=args.kd, seed=args.seed,
+                                           memory_format=args.memory_format))
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", {"command": "prune", **vars(args)})
     sens = None
@@ -378,7 +386,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     data = _load_data(args)
     model = _load_run(args.run, _build_model(args.model, data, None))
     plan = hap.PruningPlan.load(Path(args.run) / "plan.json")
-    res = train(model, data, TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed), progress=not args.no_progress)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, memory_format=args.memory_format)
+    res = train(model, data, cfg, progress=not args.no_progress)
     hap.save(model, plan, args.run)
     acc = evaluate_model(model, data, "test")
     metrics_path = Path(args.run) / "metrics.json"
