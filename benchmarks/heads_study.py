@@ -55,7 +55,9 @@ from hap.text import (  # noqa: E402
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 MARKER = "<!-- heads-study -->"
 METHOD_NAMES = {"hap": "HAP (Hessian trace)", "michel": "Michel et al. 2019", "l1": "L1 magnitude",
-                "random": "random", "hap-fisher": "HAP (Fisher trace)"}
+                "random": "random", "hap-fisher": "HAP (Fisher trace)",
+                "hap+ln": "HAP (Hessian), layer-normalised", "hap-fisher+ln": "HAP (Fisher), layer-normalised"}
+LN = "+ln"  # suffix: the same sensitivity, each layer's scores L2-normalised before the global ranking
 
 FULL = dict(sizes={"train": 4000, "val": 500, "score": 512, "test": 1000}, dense_epochs=1.0, ft_steps=60,
             max_samples=128, seeds=[0, 1])
@@ -150,9 +152,11 @@ def run_control(model: Any, tok: Any, data: Any, seed: int, args: argparse.Names
 
 
 def run_pruned(model, tok, data, method, target, seed, args, out, dense_test) -> dict[str, Any]:
-    sens = sens_cached(model, tok, data, method, seed, args, out)
-    cfg = HeadsConfig(method=method, heads=target, max_samples=args.max_samples, max_length=args.max_length,
-                      seed=seed, finetune=_ft(args, seed))
+    base = method.removesuffix(LN)
+    sens = sens_cached(model, tok, data, base, seed, args, out)
+    rank_by = "layer_normalized" if method.endswith(LN) else "score"
+    cfg = HeadsConfig(method=base, heads=target, max_samples=args.max_samples, max_length=args.max_length,
+                      seed=seed, finetune=_ft(args, seed), rank_by=rank_by)
     _, plan, _, m = prune_heads_and_finetune(model, tok, data, cfg, sens=sens, dense_test_acc=dense_test,
                                              progress=not args.quiet)
     m["sens_wall_s"] = sens.wall_time_s
@@ -192,32 +196,35 @@ def results_table(out: Path, args: argparse.Namespace, dense: dict[str, Any], da
         f"AdamW steps of batch {args.ft_batch}, lr {args.ft_lr:g}, linear decay. Sensitivities: HAP with up to "
         f"{args.max_samples} Hutchinson vectors over 16 batches of 32 score texts; Michel et al. |dL/dgate| over the "
         "same batches; L1 = squared weights of each head's Q/K/V rows and output columns; random. Global ranking "
-        "across layers; the best head of every layer is kept.",
+        "across layers; the best head of every layer is kept. Rows marked layer-normalised use the same "
+        "sensitivity with each layer's scores divided by their L2 norm before the ranking (`rank_by="
+        "\"layer_normalized\"`, what Michel et al. do to their own scores).",
         f"Mean ± standard error over seeds {', '.join(map(str, seeds)) or '-'} (the seed changes the sensitivity's "
         "random vectors/choices and the fine-tune order, not the dense model). One test accuracy has a binomial "
         f"standard error of about {se_test:.1f} points ({n_test} texts). CPU speed-up: batch 8 x {args.max_length} "
         "tokens, one thread, dense and pruned timed in alternation.",
         "",
         "| method | heads pruned (%) | params removed % | test acc. after pruning % | after fine-tune % "
-        "| Δ vs dense control (pts) | CPU speed-up | HAP split-half | seeds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| dense | 0 | 0 | {100 * p:.1f} | - | - | 1.00x | - | - |",
+        "| Δ vs dense control (pts) | CPU speed-up | HAP split-half | heads kept per layer (1st seed) | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        f"| dense | 0 | 0 | {100 * p:.1f} | - | - | 1.00x | - | 12 each | - |",
     ]
     if ctrl:
         lines.append(f"| dense control (+{args.ft_steps} steps) | 0 | 0 | - | {_mean_se([r['test_acc'] for r in ctrl])}"
-                     f" | 0 | 1.00x | - | {len(ctrl)} |")
+                     f" | 0 | 1.00x | - | 12 each | {len(ctrl)} |")
     order = {m: i for i, m in enumerate(METHOD_NAMES)}
     keys = sorted({(r["target"], r["method"]) for r in pruned}, key=lambda k: (k[0], order.get(k[1], 99)))
     for t, m in keys:
         rs = [r for r in pruned if r["target"] == t and r["method"] == m]
         acc = [r["test_acc"] for r in rs]
         delta = "-" if ctrl_acc is None else f"{100 * (np.mean(acc) - ctrl_acc):+.1f}"
-        split = _mean_se([r["sens_split_half"] for r in rs], 1.0, 2) if m in ("hap", "hap-fisher") else "-"
+        split = _mean_se([r["sens_split_half"] for r in rs], 1.0, 2) if m.startswith("hap") else "-"
         lines.append(
             f"| {METHOD_NAMES.get(m, m)} | {rs[0]['heads_base'] - rs[0]['heads']} of {rs[0]['heads_base']} "
             f"({100 * rs[0]['heads_removed']:.0f}) | "
             f"{_mean_se([r['params_removed'] for r in rs])} | {_mean_se([r['test_acc_oneshot'] for r in rs])} | "
-            f"{_mean_se(acc)} | {delta} | {np.mean([r['speedup'] for r in rs]):.2f}x | {split} | {len(rs)} |")
+            f"{_mean_se(acc)} | {delta} | {np.mean([r['speedup'] for r in rs]):.2f}x | {split} | "
+            f"{'/'.join(str(k) for k in min(rs, key=lambda r: r['seed'])['heads_per_layer'].values())} | {len(rs)} |")
     hap_sens = [r for r in pruned if r["method"] == "hap"]
 
     def per_seed(method: str) -> list[float]:  # one sensitivity per (method, seed), shared by the targets

@@ -362,3 +362,29 @@ def test_rank_by_score_per_param_prefers_expensive_units():
     assert p.settings["rank_by"] == "score_per_param"
     with pytest.raises(ValueError, match="rank_by"):
         hap.plan(model, sens, Target(channels=0.05), rank_by="flops", example_inputs=x)
+
+
+def test_rank_by_layer_normalized_spreads_pruning_like_michel():
+    """A layer whose scores are all 1000x smaller is emptied first by the raw global ranking; after per-layer
+    L2 normalisation it competes on equal terms, and the order inside every layer is unchanged."""
+    model, x, sens = _setup("resnet20")
+    sens = copy.deepcopy(sens)
+    quiet = "layer3.2.conv1"
+    for u in sens.units:
+        u.score = abs(u.score) + 0.1
+        if u.group == quiet:
+            u.score *= 1e-3
+    raw = hap.plan(model, sens, Target(channels=0.1), implant=None, example_inputs=x)
+    norm = hap.plan(model, sens, Target(channels=0.1), implant=None, rank_by="layer_normalized", example_inputs=x)
+    share = {id(p): {g.name: len(g.removed) / (len(g.kept) + len(g.implanted) + len(g.removed)) for g in p.groups}
+             for p in (raw, norm)}
+    assert [n for n, v in share[id(raw)].items() if v > 0] == [quiet]  # all 10% taken from the quiet layer
+    assert share[id(norm)][quiet] < share[id(raw)][quiet] / 2
+    assert sum(v > 0 for v in share[id(norm)].values()) >= 4
+    by_group = {}
+    for u in sens.units:
+        by_group.setdefault(u.group, []).append(u)
+    for g in norm.groups:  # the least sensitive channels of each group are the ones removed
+        ranked = sorted(by_group[g.name], key=lambda u: (u.score, u.index))
+        assert sorted(g.removed) == sorted(u.index for u in ranked[: len(g.removed)])
+    assert norm.settings["rank_by"] == "layer_normalized"

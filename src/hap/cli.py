@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-layer-ratio", type=float, default=0.95)
     p.add_argument("--round-to", type=int, default=1)
     p.add_argument("--sign", default="signed", choices=["signed", "clamp", "abs"])
+    p.add_argument("--rank-by", default="score", choices=["score", "score_per_param", "layer_normalized"],
+                   help="global ranking key (see hap.plan)")
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--curvature", default="auto", choices=["auto", "hessian", "fisher"])
     p.add_argument("--finetune-epochs", type=int, default=1)
@@ -334,8 +336,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print("note: no --checkpoint given, pruning an untrained model")
     cfg = PruneConfig(method=args.method, target=target, allocation=args.allocation, implant=args.implant,
                       implant_fraction=args.implant_fraction, max_layer_ratio=args.max_layer_ratio,
-                      round_to=args.round_to, sign=args.sign, max_samples=args.max_samples, seed=args.seed,
-                      curvature=args.curvature,
+                      round_to=args.round_to, sign=args.sign, rank_by=args.rank_by, max_samples=args.max_samples,
+                      seed=args.seed, curvature=args.curvature,
                       finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.lr, kd_alpha=args.kd, seed=args.seed,
                                            memory_format=args.memory_format))
     out.mkdir(parents=True, exist_ok=True)

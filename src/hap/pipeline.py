@@ -40,6 +40,7 @@ class PruneConfig:
     max_layer_ratio: float = 0.95
     round_to: int = 1
     sign: str = "signed"
+    rank_by: str = "score"
     scope: str = "all"
     curvature: str = "auto"
     max_samples: int | None = None
@@ -108,7 +109,8 @@ def prune_and_finetune(
     t1 = time.perf_counter()
     p = plan(model, sens, Target.from_dict(cfg.target), implant=cfg.implant,
              implant_fraction=cfg.implant_fraction if cfg.implant else 0.0, max_layer_ratio=cfg.max_layer_ratio,
-             round_to=cfg.round_to, allocation=cfg.allocation, example_inputs=example, sign=cfg.sign)
+             round_to=cfg.round_to, allocation=cfg.allocation, example_inputs=example, sign=cfg.sign,
+             rank_by=cfg.rank_by)
     metrics["plan_s"] = time.perf_counter() - t1
     small = prune(model, p)
     recalibrate_bn(small, data.loader("train", 128, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)),

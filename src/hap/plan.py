@@ -48,7 +48,7 @@ __all__ = ["Target", "GroupPlan", "PruningPlan", "plan", "ALLOCATIONS", "PlanErr
 
 FORMAT_VERSION = 1
 ALLOCATIONS = ("global", "uniform")
-RANKINGS = ("score", "score_per_param")
+RANKINGS = ("score", "score_per_param", "layer_normalized")
 _TARGET_KINDS = ("params", "flops", "channels", "heads")
 
 
@@ -473,8 +473,10 @@ def plan(
             (not for a ``flops`` target: MACs depend on the input size).
         sign: How negative sensitivity estimates rank: ``"signed"`` (as estimated: most negative
             first out), ``"clamp"`` (negatives are 0) or ``"abs"``.
-        rank_by: ``"score"`` (the paper's) or ``"score_per_param"``: the score divided by the number of
-            weights the unit's removal deletes, so cheap-to-keep units are not removed for little gain.
+        rank_by: ``"score"`` (the paper's), ``"score_per_param"``: the score divided by the number of
+            weights the unit's removal deletes, so cheap-to-keep units are not removed for little gain, or
+            ``"layer_normalized"``: each group's scores divided by their L2 norm before the global ranking
+            (what Michel et al. do to head scores; it spreads the pruning across layers).
             Which ranks better is a question for the study (DESIGN.md section 1), hence an option.
         tol: Largest accepted ``|achieved - target|`` (as fractions).
 
@@ -568,6 +570,8 @@ def _plan(
     scores_all = sensitivity.ranking_scores(sign)
     if rank_by == "score_per_param":
         scores_all = scores_all / np.maximum(_unit_weights(model, sensitivity), 1)
+    elif rank_by == "layer_normalized":
+        scores_all = _layer_normalized(sensitivity, scores_all)
     excluded = _excluded_modules(model, exclude)
     if implant is None or implant_fraction == 0:
         implant = None
@@ -682,6 +686,24 @@ def _plan(
 def _limits_text(max_layer_ratio: float, groups: list[_Group]) -> str:
     frozen = sum(1 for g in groups if g.cap == 0)
     return f"max_layer_ratio={max_layer_ratio}, one channel kept per group, {frozen} of {len(groups)} groups frozen"
+
+
+def _layer_normalized(sens: Sensitivity, scores: np.ndarray) -> np.ndarray:
+    """Each group's scores divided by their L2 norm (Michel et al.'s per-layer normalisation).
+
+    Only the global ranking changes: the order inside a group is kept. Layers whose scores are all
+    small (e.g. the last layers of a transformer, whose per-head curvature is low) then compete on
+    equal terms instead of being emptied first.
+    """
+    out = scores.astype(np.float64).copy()
+    members: dict[str, list[int]] = {}
+    for pos, u in enumerate(sens.units):
+        members.setdefault(u.group, []).append(pos)
+    for idx in members.values():
+        norm = float(np.linalg.norm(out[idx]))
+        if norm > 0:
+            out[idx] /= norm
+    return out
 
 
 def _unit_weights(model: nn.Module, sens: Sensitivity) -> np.ndarray:

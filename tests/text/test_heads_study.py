@@ -51,7 +51,7 @@ def test_priority_order(study):
 def test_table_means_and_standard_errors(study, tmp_path):
     (tmp_path / "runs").mkdir()
     base = dict(heads_base=72, heads=29, heads_removed=43 / 72, params_removed=0.093, speedup=1.2, sens_wall_s=10.0,
-                sens_samples=128, target=0.6)
+                sens_samples=128, target=0.6, heads_per_layer={"l0": 12, "l1": 17})
     runs = {"control_s0": dict(method="control", target=None, seed=0, test_acc=0.86),
             "control_s1": dict(method="control", target=None, seed=1, test_acc=0.88),
             "hap_h60_s0": dict(base, method="hap", seed=0, test_acc_oneshot=0.70, test_acc=0.85, sens_split_half=0.5),
@@ -62,8 +62,8 @@ def test_table_means_and_standard_errors(study, tmp_path):
                               max_samples=128, max_length=64)
     data = SimpleNamespace(sizes=lambda: {"train": 4000, "val": 500, "score": 512, "test": 1000})
     table = study.results_table(tmp_path, args, {"test_acc": 0.857, "params": 22713986}, data)
-    assert "| dense control (+60 steps) | 0 | 0 | - | 87.0 ± 1.0 | 0 | 1.00x | - | 2 |" in table
+    assert "| dense control (+60 steps) | 0 | 0 | - | 87.0 ± 1.0 | 0 | 1.00x | - | 12 each | 2 |" in table
     row = ("| HAP (Hessian trace) | 43 of 72 (60) | 9.3 ± 0.0 | 71.0 ± 1.0 | 86.0 ± 1.0 | -1.0 | 1.20x "
-           "| 0.40 ± 0.10 | 2 |")
+           "| 0.40 ± 0.10 | 12/17 | 2 |")
     assert row in table
     assert "binomial standard error of about 1.1 points (1000 texts)" in table

@@ -66,6 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="hap", choices=METHODS)
     p.add_argument("--allocation", default="global", choices=["global", "uniform"])
     p.add_argument("--sign", default="signed", choices=["signed", "clamp", "abs"])
+    p.add_argument("--rank-by", default="score", choices=["score", "layer_normalized"],
+                   help="layer_normalized: L2-normalise each layer's head scores before ranking (Michel et al.)")
     p.add_argument("--max-samples", type=int, default=128, help="Hutchinson vectors (method hap)")
     p.add_argument("--max-length", type=int, default=64, help="longest token sequence")
     p.add_argument("--new-head", action="store_true",
@@ -125,7 +127,7 @@ def rerun_command(args: argparse.Namespace, out: Path, classes: list[str], balan
             parts += [flag, value]
     parts += ["--balance" if balance else "--no-balance"]
     for flag in ("train_size", "val_size", "score_size", "test_size", "target", "method", "allocation", "sign",
-                 "max_samples", "max_length"):
+                 "rank_by", "max_samples", "max_length"):
         parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.new_head:
         parts.append("--new-head")
@@ -197,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     if progress:
         print(f"dense test accuracy {dense_test:.4f}", flush=True)
     cfg = HeadsConfig(
-        method=args.method, heads=heads, allocation=args.allocation, sign=args.sign, max_samples=args.max_samples,
+        method=args.method, heads=heads, allocation=args.allocation, sign=args.sign, rank_by=args.rank_by,
+        max_samples=args.max_samples,
         max_length=max_length, seed=args.seed,
         finetune=TextTrainConfig(steps=args.finetune_steps, lr=args.finetune_lr,
                                  batch_size=max(1, args.batch_size // 2), warmup=0.0),

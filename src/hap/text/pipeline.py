@@ -46,6 +46,8 @@ class HeadsConfig:
         heads: Fraction of attention heads to remove.
         allocation: ``"global"`` ranking across layers or ``"uniform"`` (the same count per layer).
         sign: How negative HAP estimates rank (see :func:`hap.plan`).
+        rank_by: ``"score"`` or ``"layer_normalized"`` (each layer's scores L2-normalised before the global
+            ranking, as Michel et al. do; see :func:`hap.plan`).
         max_samples: Hutchinson vectors for ``hap``.
         score_batch_size: Examples per sensitivity batch.
         score_batches: Batches of the score split used (its first ``score_batch_size * score_batches``).
@@ -59,6 +61,7 @@ class HeadsConfig:
     heads: float = 0.5
     allocation: str = "global"
     sign: str = "signed"
+    rank_by: str = "score"
     max_samples: int = 128
     score_batch_size: int = 32
     score_batches: int = 16
@@ -140,7 +143,8 @@ def prune_heads_and_finetune(
     m.update(sensitivity_s=sens.wall_time_s, sens_samples=sens.samples, sens_split_half=sens.split_half,
              sens_converged=sens.converged)
     t1 = time.perf_counter()
-    p = plan(model, sens, Target(heads=cfg.heads), allocation=cfg.allocation, sign=cfg.sign, implant=None)
+    p = plan(model, sens, Target(heads=cfg.heads), allocation=cfg.allocation, sign=cfg.sign, implant=None,
+             rank_by=cfg.rank_by)
     m["plan_s"] = time.perf_counter() - t1
     small = prune(model, p).eval()
     m["test_acc_oneshot"] = evaluate_text(small, tokenizer, data, "test", max_length=cfg.max_length)
