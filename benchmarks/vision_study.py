@@ -57,6 +57,8 @@ OURS = {
     "random": dict(method="random"),
 }
 TP_ROWS = ("tp-magnitude", "tp-taylor")
+DEFAULTS = {"name": "vision_study", "dense_epochs": 15, "ft_epochs": 1, "ft_steps": 200, "ft_lr": 0.01,
+            "max_samples": 256}
 
 
 def run_grid(targets, seeds, methods, allocations):
@@ -203,6 +205,20 @@ def _fmt(xs, scale=100.0):
     return f"{np.mean(xs) * scale:.2f} ± {np.std(xs, ddof=1) * scale:.2f}"
 
 
+BUDGET_FLAGS = ("name", "dense_epochs", "ft_epochs", "ft_steps", "ft_lr", "max_samples")
+
+
+def _command(args) -> str:
+    """The command that reproduces the numbers: only the options that change them (not which part of the grid
+    a process was given, nor --quiet)."""
+    parts = ["python benchmarks/vision_study.py"]
+    for k in BUDGET_FLAGS:
+        v, d = getattr(args, k), DEFAULTS[k]
+        if v != d and not (k == "ft_steps" and v is None and d == 0):
+            parts.append(f"--{k.replace('_', '-')} {v if v is not None else 0}")
+    return " ".join(parts)
+
+
 def write_results(args, dense_summary, dense_test) -> None:
     rows = {}
     for p in sorted(STUDY.glob("*.json")):
@@ -214,7 +230,8 @@ def write_results(args, dense_summary, dense_test) -> None:
     lines = [
         f"# Results: vision study (ResNet-20, Fashion-MNIST){'' if args.name == 'vision_study' else ': ' + args.name}",
         "",
-        f"Produced by `python benchmarks/vision_study.py {' '.join(sys.argv[1:])}` on {machine()}.",
+        f"Produced by `{_command(args)}` on {machine()} (resumable; runs of one study may come from several "
+        "sessions and from parallel processes, each given a part of the grid with --seeds/--targets/--methods).",
         f"Dense ResNet-20: {dense_summary['epochs']} epochs (cosine, SGD 0.1), best val top-1 "
         f"{100 * dense_summary['best_val_acc']:.2f}%, test top-1 {100 * dense_test:.2f}%.",
         f"Fine-tune budget for every row (the control included): {args.ft_epochs} epoch(s) × at most "
@@ -256,19 +273,20 @@ def write_results(args, dense_summary, dense_test) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dense-epochs", type=int, default=15)
+    ap.add_argument("--dense-epochs", type=int, default=DEFAULTS["dense_epochs"])
     ap.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5, 0.85])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--methods", nargs="+", default=list(OURS) + list(TP_ROWS))
     ap.add_argument("--allocations", nargs="+", default=["global", "uniform"])
-    ap.add_argument("--ft-epochs", type=int, default=1)
-    ap.add_argument("--ft-steps", type=int, default=200, help="max fine-tune steps per epoch (0: whole epoch)")
-    ap.add_argument("--ft-lr", type=float, default=0.01)
-    ap.add_argument("--max-samples", type=int, default=256)
+    ap.add_argument("--ft-epochs", type=int, default=DEFAULTS["ft_epochs"])
+    ap.add_argument("--ft-steps", type=int, default=DEFAULTS["ft_steps"],
+                    help="max fine-tune steps per epoch (0: whole epoch)")
+    ap.add_argument("--ft-lr", type=float, default=DEFAULTS["ft_lr"])
+    ap.add_argument("--max-samples", type=int, default=DEFAULTS["max_samples"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    ap.add_argument("--name", default="vision_study",
+    ap.add_argument("--name", default=DEFAULTS["name"],
                     help="study directory under benchmarks/out and its block in docs/results.md: give a study "
                          "with another budget its own name (sensitivities are shared)")
     args = ap.parse_args()
