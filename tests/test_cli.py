@@ -112,10 +112,11 @@ def test_prune_pipeline_writes_every_file_and_reloads(fmnist_dir, tmp_path):
     assert main(["eval", "--data-root", str(fmnist_dir), "--run", str(pr)]) == 0
     l1 = tmp_path / "l1"
     assert main(["prune", "--data-root", str(fmnist_dir), "--checkpoint", ck, "--method", "l1", "--allocation",
-                 "uniform", "--target", "params=0.5", "--finetune-epochs", "0", "--out", str(l1), "--no-progress"]) == 0
+                 "global", "--target", "params=0.5", "--finetune-epochs", "0", "--out", str(l1), "--no-progress"]) == 0
     assert main(["report", str(pr), str(l1), "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "accuracy_vs_params.png").is_file()
-    assert "hap/global+pointwise" in (tmp_path / "cmp" / "report.md").read_text()
+    cmp = (tmp_path / "cmp" / "report.md").read_text()
+    assert "hap/uniform+pointwise" in cmp and "l1/global" in cmp  # uniform is the default allocation
     # an existing run is not overwritten without being asked
     assert main(["prune", "--data-root", str(fmnist_dir), "--checkpoint", ck, "--out", str(pr), "--no-progress"]) == 2
     assert main(["finetune", "--data-root", str(fmnist_dir), "--run", str(pr), "--epochs", "1", "--no-progress"]) == 0

@@ -356,12 +356,15 @@ def test_rank_by_score_per_param_prefers_expensive_units():
     sens = copy.deepcopy(sens)
     for u in sens.units:
         u.score = 1.0
-    p = hap.plan(model, sens, Target(channels=0.05), implant=None, rank_by="score_per_param", example_inputs=x)
+    p = hap.plan(model, sens, Target(channels=0.05), implant=None, rank_by="score_per_param", allocation="global",
+                  example_inputs=x)
     removed = {g.name for g in p.groups if g.removed}
     assert removed and removed <= {"layer3.0.shortcut.0", "layer3.0.conv1", "layer3.1.conv1", "layer3.2.conv1"}
     assert p.settings["rank_by"] == "score_per_param"
     with pytest.raises(ValueError, match="rank_by"):
         hap.plan(model, sens, Target(channels=0.05), rank_by="flops", example_inputs=x)
+    with pytest.raises(ValueError, match="only changes a global ranking"):
+        hap.plan(model, sens, Target(channels=0.05), rank_by="score_per_param", allocation="uniform", example_inputs=x)
 
 
 def test_rank_by_layer_normalized_spreads_pruning_like_michel():
@@ -374,8 +377,9 @@ def test_rank_by_layer_normalized_spreads_pruning_like_michel():
         u.score = abs(u.score) + 0.1
         if u.group == quiet:
             u.score *= 1e-3
-    raw = hap.plan(model, sens, Target(channels=0.1), implant=None, example_inputs=x)
-    norm = hap.plan(model, sens, Target(channels=0.1), implant=None, rank_by="layer_normalized", example_inputs=x)
+    raw = hap.plan(model, sens, Target(channels=0.1), implant=None, allocation="global", example_inputs=x)
+    norm = hap.plan(model, sens, Target(channels=0.1), implant=None, rank_by="layer_normalized", allocation="global",
+                    example_inputs=x)
     share = {id(p): {g.name: len(g.removed) / (len(g.kept) + len(g.implanted) + len(g.removed)) for g in p.groups}
              for p in (raw, norm)}
     assert [n for n, v in share[id(raw)].items() if v > 0] == [quiet]  # all 10% taken from the quiet layer

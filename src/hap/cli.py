@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--method", default="hap", help="hap, l1, l2, taylor, obd or random")
     p.add_argument("--target", default="params=0.5", help="params=F, flops=F or channels=F (fraction removed)")
-    p.add_argument("--allocation", default="global", choices=["global", "uniform"])
+    p.add_argument("--allocation", default="uniform", choices=["global", "uniform"],
+                   help="uniform: the same ratio in every layer (won after fine-tuning in the vision study)")
     p.add_argument("--implant", default=None, choices=["pointwise", "lowrank"])
     p.add_argument("--implant-fraction", type=float, default=0.1)
     p.add_argument("--max-layer-ratio", type=float, default=0.95)
@@ -279,11 +280,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on packaged data: train briefly, then the whole HAP pipeline with an implant."""
-    a = argparse.Namespace(
-        data="fashion-mnist", data_root=None, subset=args.subset, seed=0, model="resnet20", epochs=args.epochs,
-        lr=0.1, batch_size=128, out=str(Path(args.out) / "dense"), resume=False, overwrite=False,
-        no_progress=args.no_progress,
-    )
+    # Both steps go through the real parser, so the demo always runs with every option's current default.
+    quiet = ["--no-progress"] if args.no_progress else []
+    a = _parser().parse_args(["train", "--model", "resnet20", "--data", "fashion-mnist", "--subset", str(args.subset),
+                              "--epochs", str(args.epochs), "--out", str(Path(args.out) / "dense"), *quiet])
     t0 = time.perf_counter()
     dense = Path(a.out)
     if (dense / "metrics.json").is_file():
@@ -292,14 +292,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         a.resume = (dense / "last.json").is_file()
         a.overwrite = not a.resume
         cmd_train(a)
-    p = argparse.Namespace(
-        data="fashion-mnist", data_root=None, subset=args.subset, seed=0, model="resnet20",
-        checkpoint=str(dense / "best.safetensors"), method="hap", target="params=0.5", allocation="global",
-        implant="pointwise", implant_fraction=0.1, max_layer_ratio=0.95, round_to=1, sign="signed", max_samples=None,
-        curvature="auto",
-        finetune_epochs=1, lr=0.01, kd=0.0, out=str(Path(args.out) / "hap-params50-pointwise"), resume=False,
-        overwrite=True, no_progress=args.no_progress,
-    )
+    p = _parser().parse_args([
+        "prune", "--model", "resnet20", "--data", "fashion-mnist", "--subset", str(args.subset),
+        "--checkpoint", str(dense / "best.safetensors"), "--method", "hap", "--target", "params=0.5",
+        "--implant", "pointwise", "--finetune-epochs", "1", "--out", str(Path(args.out) / "hap-params50-pointwise"),
+        "--overwrite", *quiet])
     cmd_prune(p)
     print(f"demo done in {time.perf_counter() - t0:.0f} s; report: {p.out}/report.md")
     return 0

@@ -34,7 +34,7 @@ class PruneConfig:
 
     method: str = "hap"
     target: dict[str, float] = field(default_factory=lambda: {"params": 0.5})
-    allocation: str = "global"
+    allocation: str = "uniform"
     implant: str | None = None
     implant_fraction: float = 0.1
     max_layer_ratio: float = 0.95

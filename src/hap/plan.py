@@ -441,7 +441,7 @@ def plan(
     implant_cost: float = 0.25,
     max_layer_ratio: float = 0.95,
     round_to: int = 1,
-    allocation: str = "global",
+    allocation: str = "uniform",
     exclude: Sequence[str | nn.Module] | None = None,
     example_inputs: Any = None,
     sign: str = "signed",
@@ -464,8 +464,13 @@ def plan(
         max_layer_ratio: At most this fraction of any group is pruned (removed or implanted).
         round_to: Make each group's remaining width (kept + implanted) a multiple of this, for hardware
             friendly shapes (a group narrower than ``round_to`` is left whole).
-        allocation: ``"global"``: rank all units of all groups together (the paper's); ``"uniform"``:
-            the same ratio in every group, least sensitive units first within it.
+        allocation: ``"uniform"`` (default): the same ratio in every group, least sensitive units first
+            within it; ``"global"``: rank all units of all groups together (the paper's). Uniform is the
+            default because it won after fine-tuning in the vision study (docs/results.md): a global
+            ranking of per-unit scores ignores what a unit costs, and a residual-stream group (one channel
+            shared by every block of a stage) sums its score over all the layers it couples, so global
+            ranking keeps those whole and thins a few inner convolutions to a handful of channels, which
+            keeps fewer MACs off and fine-tunes no better. See ``rank_by`` for cost-aware global ranking.
         exclude: Layers (names or modules) whose groups must not be touched.
         example_inputs: One input batch; it fixes the input size MACs are counted for and traces the
             graph. Default: the input shape the sensitivity was computed on (recorded in its settings),
@@ -476,7 +481,8 @@ def plan(
         rank_by: ``"score"`` (the paper's), ``"score_per_param"``: the score divided by the number of
             weights the unit's removal deletes, so cheap-to-keep units are not removed for little gain, or
             ``"layer_normalized"``: each group's scores divided by their L2 norm before the global ranking
-            (what Michel et al. do to head scores; it spreads the pruning across layers).
+            (what Michel et al. do to head scores; it spreads the pruning across layers). Only with
+            ``allocation="global"``.
             Which ranks better is a question for the study (DESIGN.md section 1), hence an option.
         tol: Largest accepted ``|achieved - target|`` (as fractions).
 
@@ -505,6 +511,8 @@ def plan(
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if rank_by not in RANKINGS:
         raise ValueError(f"rank_by must be one of {', '.join(RANKINGS)}, got {rank_by!r}")
+    if rank_by != "score" and allocation != "global":
+        raise ValueError(f"rank_by={rank_by!r} only changes a global ranking: pass allocation='global' with it")
     if not 0.0 < tol < 0.5:
         raise ValueError(f"tol must be in (0, 0.5), got {tol}")
     sensitivity.ranking_scores(sign)  # validates ``sign`` before any work

@@ -97,11 +97,11 @@ def test_global_plan_empties_a_layer_down_to_its_best_head():
     for u in sens.units:
         layer = int(u.group.split(".layer.")[1].split(".")[0])
         u.score = (layer * 10.0 if layer else -10.0) + u.index  # layer 0 lowest; head 3 its best
-    plan = hap.plan(model, sens, hap.Target(heads=5 / 12))
+    plan = hap.plan(model, sens, hap.Target(heads=5 / 12), allocation="global")
     g0, g1, g2 = plan.groups
     assert g0.kept == [3] and g0.removed == [0, 1, 2]
     assert g1.removed == [0, 1] and not g2.removed
-    capped = hap.plan(model, sens, hap.Target(heads=5 / 12), max_layer_ratio=0.5)
+    capped = hap.plan(model, sens, hap.Target(heads=5 / 12), max_layer_ratio=0.5, allocation="global")
     assert [len(g.kept) for g in capped.groups] == [2, 2, 3]
     small = hap.prune(model, plan)
     assert [lay.num_heads for lay in hap.attention_layouts(small)] == [1, 2, 4]
