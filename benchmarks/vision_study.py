@@ -219,6 +219,27 @@ def _command(args) -> str:
     return " ".join(parts)
 
 
+def _widths_table(rows: dict) -> list[str]:
+    """Where each allocation puts the cuts: channels kept per group at the 70% target (lowest seed)."""
+    picks = [r for rs in rows.values() for r in rs if r.get("widths") and r["target"] == 0.7]
+    if not picks:
+        return []
+    first = {}
+    for r in sorted(picks, key=lambda r: r["seed"]):
+        first.setdefault((r["method"], r["alloc"]), r)
+    names = list(next(iter(first.values()))["widths"])
+    short = ["stem/L1 stream" if n == "conv1" else
+             n.replace("layer", "L").replace(".shortcut.0", " stream").replace(".conv1", "") for n in names]
+    out = ["", "Channels kept (of the group's width) per group at the 70% target, lowest seed: a residual "
+           "\"stream\" group is one channel index shared by every block of a stage, so removing one of its "
+           "channels thins all of them.", "",
+           "| method | alloc. | " + " | ".join(short) + " |", "|---|---|" + "---:|" * len(names)]
+    for (m, a), r in sorted(first.items()):
+        w = r["widths"]
+        out.append(f"| {m} | {a} | " + " | ".join(f"{w[n][0]}/{sum(w[n])}" for n in names) + " |")
+    return out
+
+
 def write_results(args, dense_summary, dense_test) -> None:
     rows = {}
     for p in sorted(STUDY.glob("*.json")):
@@ -255,6 +276,7 @@ def write_results(args, dense_summary, dense_test) -> None:
             f"| {r0['method']} | {r0['alloc'] or '-'} | {_fmt([r['params_removed'] for r in rs])} | "
             f"{_fmt([r['macs_removed'] for r in rs])} | {_fmt([r['test_acc_oneshot'] for r in rs])} | {_fmt(acc)} | "
             f"{delta} | {np.mean([r['speedup'] for r in rs]):.2f}x | {len(rs)} |")
+    lines += _widths_table(rows)
     total = sum(r["total_s"] for rs in rows.values() for r in rs)
     lines += ["", f"Wall time of the finished runs: {total / 60:.0f} min. Runs still missing from the grid are "
               "simply not listed; rerun the command to continue.", ""]
