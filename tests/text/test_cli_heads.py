@@ -56,7 +56,7 @@ def test_hap_method_with_trained_classifier(tmp_path):
     model_dir = save_model_dir(tmp_path / "clf", num_labels=2)
     out = tmp_path / "run"
     rc = main(["heads", "--model", str(model_dir), "--data", str(write_csv(tmp_path / "d.csv", n=40)),
-               "--target", "heads=0.25", "--allocation", "uniform", "--out", str(out), *FAST])
+               "--method", "hap", "--target", "heads=0.25", "--allocation", "uniform", "--out", str(out), *FAST])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert "dense_train_steps" not in m  # the head was trained already: no dense fine-tune by default

@@ -63,10 +63,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score-size", type=int, default=512, help="at most this many texts to score heads on")
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--target", default="heads=0.5", help="heads=F: fraction of attention heads removed")
-    p.add_argument("--method", default="hap", choices=METHODS)
+    p.add_argument("--method", default="hap-fisher", choices=METHODS,
+                   help="hap-fisher (default): HAP score, Fisher traces; hap: Hutchinson Hessian traces (the paper's)")
     p.add_argument("--allocation", default="global", choices=["global", "uniform"])
     p.add_argument("--sign", default="signed", choices=["signed", "clamp", "abs"])
-    p.add_argument("--rank-by", default="score", choices=["score", "layer_normalized"],
+    p.add_argument("--rank-by", default="layer_normalized", choices=["score", "layer_normalized"],
                    help="layer_normalized: L2-normalise each layer's head scores before ranking (Michel et al.)")
     p.add_argument("--max-samples", type=int, default=128, help="Hutchinson vectors (method hap)")
     p.add_argument("--max-length", type=int, default=64, help="longest token sequence")
