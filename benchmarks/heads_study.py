@@ -183,6 +183,7 @@ def results_table(out: Path, args: argparse.Namespace, dense: dict[str, Any], da
     se_test = 100 * np.sqrt(p * (1 - p) / n_test)
     ctrl_acc = float(np.mean([r["test_acc"] for r in ctrl])) if ctrl else None
     seeds = sorted({r["seed"] for r in runs})
+    fisher_n = "/".join(sorted({str(r["sens_samples"]) for r in runs if r["method"].startswith("hap-fisher")})) or "-"
     lines = [
         "## Results: attention heads (MiniLM-L6 on tweets, negative vs positive)",
         "",
@@ -193,8 +194,10 @@ def results_table(out: Path, args: argparse.Namespace, dense: dict[str, Any], da
         f"{dense['params']:,} params) with a new classification head, {args.dense_epochs:g} epoch AdamW "
         f"lr {args.dense_lr:g}: test accuracy **{100 * p:.1f}%** (chance 50%).",
         f"After pruning, every row (and the control: the dense model with the same budget) gets {args.ft_steps} "
-        f"AdamW steps of batch {args.ft_batch}, lr {args.ft_lr:g}, linear decay. Sensitivities: HAP with up to "
-        f"{args.max_samples} Hutchinson vectors over 16 batches of 32 score texts; Michel et al. |dL/dgate| over the "
+        f"AdamW steps of batch {args.ft_batch}, lr {args.ft_lr:g}, linear decay. Sensitivities: HAP (Hessian) with up "
+        f"to {args.max_samples} Hutchinson vectors over 16 batches of 32 score texts; HAP (Fisher) with the "
+        f"Monte-Carlo Fisher, one sampled label per score text, stopped once its ranking settled ({fisher_n} texts); "
+        "Michel et al. |dL/dgate| over the "
         "same batches; L1 = squared weights of each head's Q/K/V rows and output columns; random. Global ranking "
         "across layers; the best head of every layer is kept. Rows marked layer-normalised use the same "
         "sensitivity with each layer's scores divided by their L2 norm before the ranking (`rank_by="
@@ -235,7 +238,8 @@ def results_table(out: Path, args: argparse.Namespace, dense: dict[str, Any], da
         "",
         f"Sensitivity wall time: HAP {_mean_se(per_seed('hap'), 1.0, 0)} s "
         f"({hap_sens[0]['sens_samples'] if hap_sens else '-'} vectors), Michel "
-        f"{_mean_se(per_seed('michel'), 1.0, 0)} s. Wall time of the "
+        f"{_mean_se(per_seed('michel'), 1.0, 0)} s, HAP (Fisher) {_mean_se(per_seed('hap-fisher'), 1.0, 0)} s. "
+        "Wall time of the "
         f"finished runs and the dense fine-tune: {total / 60:.0f} min. Runs missing from the grid are not listed: "
         "rerun the command to continue.",
     ]
