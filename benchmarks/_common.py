@@ -6,15 +6,20 @@ under ``benchmarks/out/``, so every benchmark is rerunnable from nothing with on
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import platform
+import stat
+import tempfile
 from pathlib import Path
 
 import torch
 
 import hap.data
 import hap.models
+from hap._utils import atomic_write_text
 from hap.finetune import TrainConfig, load_weights, train
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -60,3 +65,28 @@ if __name__ == "__main__":
     a = ap.parse_args()
     m, d, s = dense_resnet(a.model, a.epochs, a.seed)
     print(json.dumps({k: v for k, v in s.items() if k != "history"}))
+
+
+def replace_marked_block(path: Path, body: str, marker: str) -> None:
+    """Put ``body`` between the two ``marker`` lines of ``path`` (appended if absent), keeping the rest.
+
+    Another script writes its own marked block of the same file: the file is re-read right before an
+    atomic replace (under an exclusive lock in the temp directory, for writers that take it), so the
+    other block is carried over as it is at that moment. The file stays world-readable (a temp file
+    is created 0600).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"hap-results-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = path.read_text() if path.is_file() else ""
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644
+        if old.count(marker) >= 2:
+            pre, _, rest = old.partition(marker)
+            _, _, post = rest.partition(marker)
+            new = f"{pre}{marker}\n{body}\n{marker}{post}"
+        else:
+            sep = "" if not old or old.endswith("\n\n") else ("\n" if old.endswith("\n") else "\n\n")
+            new = f"{old}{sep}{marker}\n{body}\n{marker}\n"
+        atomic_write_text(path, new)
+        os.chmod(path, mode)

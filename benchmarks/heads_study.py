@@ -20,14 +20,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fcntl
-import hashlib
 import json
-import os
 import shutil
-import stat
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -39,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hap  # noqa: E402
-from _common import OUT, machine  # noqa: E402
+from _common import OUT, machine, replace_marked_block  # noqa: E402
 from hap._utils import atomic_write_text  # noqa: E402
 from hap.text import (  # noqa: E402
     HeadsConfig,
@@ -63,31 +58,6 @@ FULL = dict(sizes={"train": 4000, "val": 500, "score": 512, "test": 1000}, dense
             max_samples=128, seeds=[0, 1])
 SMOKE = dict(sizes={"train": 128, "val": 32, "score": 64, "test": 128}, dense_epochs=1.0, ft_steps=5,
              max_samples=8, seeds=[0])
-
-
-def replace_marked_block(path: Path, body: str, marker: str = MARKER) -> None:
-    """Put ``body`` between the two ``marker`` lines of ``path`` (appended if absent), keeping the rest.
-
-    Another script writes its own marked block of the same file: the file is re-read right before an
-    atomic replace (under an exclusive lock in the temp directory, for writers that take it), so the
-    other block is carried over as it is at that moment. The file stays world-readable (a temp file
-    is created 0600).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"hap-results-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old = path.read_text() if path.is_file() else ""
-        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644
-        if old.count(marker) >= 2:
-            pre, _, rest = old.partition(marker)
-            _, _, post = rest.partition(marker)
-            new = f"{pre}{marker}\n{body}\n{marker}{post}"
-        else:
-            sep = "" if not old or old.endswith("\n\n") else ("\n" if old.endswith("\n") else "\n\n")
-            new = f"{old}{sep}{marker}\n{body}\n{marker}\n"
-        atomic_write_text(path, new)
-        os.chmod(path, mode)
 
 
 def grid(seeds: list[int], targets: list[float], methods: list[str]) -> list[tuple[str, float | None, int]]:
@@ -311,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         new += 1
         oneshot = f"after pruning {m['test_acc_oneshot']:.4f}, " if "test_acc_oneshot" in m else ""
         print(f"    test accuracy {oneshot}after fine-tune {m['test_acc']:.4f} ({m['total_s']:.0f} s)", flush=True)
-        replace_marked_block(target_doc, results_table(out, args, dense, data))
-    replace_marked_block(target_doc, results_table(out, args, dense, data))
+        replace_marked_block(target_doc, results_table(out, args, dense, data), MARKER)
+    replace_marked_block(target_doc, results_table(out, args, dense, data), MARKER)
     print(f"written: {target_doc} ({(time.perf_counter() - t_start) / 60:.1f} min this session)")
     return 0
 

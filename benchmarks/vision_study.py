@@ -37,7 +37,7 @@ import torch_pruning as tp  # noqa: E402
 
 import hap  # noqa: E402
 import hap.models  # noqa: E402
-from _common import OUT, dense_resnet, machine  # noqa: E402
+from _common import OUT, dense_resnet, machine, replace_marked_block  # noqa: E402
 from hap.finetune import TrainConfig, recalibrate_bn, train  # noqa: E402
 from hap.metrics import count_macs, count_params  # noqa: E402
 from hap.pipeline import PruneConfig, evaluate_model, paired_latency, prune_and_finetune  # noqa: E402
@@ -280,17 +280,8 @@ def write_results(args, dense_summary, dense_test) -> None:
     total = sum(r["total_s"] for rs in rows.values() for r in rs)
     lines += ["", f"Wall time of the finished runs: {total / 60:.0f} min. Runs still missing from the grid are "
               "simply not listed; rerun the command to continue.", ""]
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    marker = f"<!-- {args.name.replace('_', '-')} -->"
-    old = DOCS.read_text() if DOCS.is_file() else ""
-    body = "\n".join(lines)
-    if marker in old:
-        pre, _, rest = old.partition(marker)
-        _, _, post = rest.partition(marker)
-        new = f"{pre}{marker}\n{body}\n{marker}{post}"
-    else:
-        new = f"{old}\n{marker}\n{body}\n{marker}\n" if old else f"{marker}\n{body}\n{marker}\n"
-    hap._utils.atomic_write_text(DOCS, new)
+    # several processes (and the heads study) write their own blocks of the same file: a locked read-replace
+    replace_marked_block(DOCS, "\n".join(lines), f"<!-- {args.name.replace('_', '-')} -->")
 
 
 def main() -> None:

@@ -27,16 +27,16 @@ def test_only_its_own_block_is_replaced(study, tmp_path):
     doc = tmp_path / "results.md"
     other = "<!-- vision-study -->\n# vision\n| a | b |\n<!-- vision-study -->\n"
     doc.write_text("# Results\n\n" + other)
-    study.replace_marked_block(doc, "first")
+    study.replace_marked_block(doc, "first", study.MARKER)
     text = doc.read_text()
     assert text.startswith("# Results\n\n" + other)
     assert text.endswith("<!-- heads-study -->\nfirst\n<!-- heads-study -->\n")
-    study.replace_marked_block(doc, "second\nbody")
+    study.replace_marked_block(doc, "second\nbody", study.MARKER)
     again = doc.read_text()
     assert other in again and "first" not in again and again.count("<!-- heads-study -->") == 2
     assert again == text.replace("first", "second\nbody")
     new = tmp_path / "new.md"
-    study.replace_marked_block(new, "x")
+    study.replace_marked_block(new, "x", study.MARKER)
     assert new.read_text() == "<!-- heads-study -->\nx\n<!-- heads-study -->\n"
     assert new.stat().st_mode & 0o777 == 0o644 and not list(tmp_path.glob(".*"))
 
