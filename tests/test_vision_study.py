@@ -32,7 +32,8 @@ def _args(study, **kw):
 def test_command_names_only_the_options_that_change_the_numbers(study):
     assert study._command(_args(study)) == "python benchmarks/vision_study.py"
     long = _args(study, name="vision_study_ft3", ft_epochs=3, ft_steps=None)
-    assert study._command(long) == "python benchmarks/vision_study.py --name vision_study_ft3 --ft-epochs 3 --ft-steps 0"
+    want = "python benchmarks/vision_study.py --name vision_study_ft3 --ft-epochs 3 --ft-steps 0"
+    assert study._command(long) == want
 
 
 def _run(method, alloc, seed, acc, widths=None, target=0.7):
