@@ -71,7 +71,7 @@ def run_grid(targets, seeds, methods, allocations):
             for m in methods:
                 for a in allocations:
                     order.append((m, t, a, seed))
-            for m in TP_ROWS:
+            for m in (m for m in TP_ROWS if m in methods):
                 order.append((m, t, "global", seed))
     seen, out = set(), []
     for r in order:

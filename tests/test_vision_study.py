@@ -62,3 +62,12 @@ def test_results_block_means_spread_and_widths(study, tmp_path, monkeypatch):
     assert text.count("<!-- vision-study -->") == 2
     assert "| hap | uniform | 70.00 ± 0.00 | 60.00 ± 0.00 | 41.50 ± 0.71 | 91.50 ± 0.71 | -2.20 | 1.50x | 2 |" in text
     assert "| stem/L1 stream | L3.0 stream | L1.0 |" in text and "| hap | uniform | 9/16 | 34/64 | 4/16 |" in text
+
+
+def test_grid_runs_only_the_requested_rows_in_priority_order(study):
+    g = study.run_grid([0.7, 0.5], [0, 1], ["hap", "l1"], ["uniform"])
+    assert {m for m, *_ in g} == {"dense-control", "hap", "l1"}  # no Torch-Pruning rows unless asked for
+    assert g[:3] == [("dense-control", None, None, 0), ("hap", 0.7, "uniform", 0), ("l1", 0.7, "uniform", 0)]
+    assert sum(m == "dense-control" for m, *_ in g) == 2  # one control per seed, shared by the targets
+    tp = study.run_grid([0.7], [0], ["hap", "tp-magnitude"], ["uniform"])
+    assert ("tp-magnitude", 0.7, "global", 0) in tp
