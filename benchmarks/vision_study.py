@@ -249,7 +249,8 @@ def write_results(args, dense_summary, dense_test) -> None:
     ctrl = float(np.mean(control)) if control else None
     n_test = len(dense_summary.get("test", [])) if isinstance(dense_summary.get("test"), list) else 10000
     lines = [
-        f"# Results: vision study (ResNet-20, Fashion-MNIST){'' if args.name == 'vision_study' else ': ' + args.name}",
+        "## Results: vision study (ResNet-20, Fashion-MNIST)" + (
+            "" if args.name == DEFAULTS["name"] else f", another fine-tune budget (`{args.name}`)"),
         "",
         f"Produced by `{_command(args)}` on {machine()} (resumable; runs of one study may come from several "
         "sessions and from parallel processes, each given a part of the grid with --seeds/--targets/--methods).",
