@@ -68,11 +68,9 @@ def run_grid(targets, seeds, methods, allocations):
     for t in targets:
         for seed in seeds:
             order.append(("dense-control", None, None, seed))
-            for m in methods:
-                for a in allocations:
+            for m in methods:  # Torch-Pruning's rows have one allocation: its own global ranking
+                for a in ("global",) if m in TP_ROWS else allocations:
                     order.append((m, t, a, seed))
-            for m in (m for m in TP_ROWS if m in methods):
-                order.append((m, t, "global", seed))
     seen, out = set(), []
     for r in order:
         key = r if r[0] != "dense-control" else (r[0], None, None, r[3])
@@ -314,8 +312,7 @@ def main() -> None:
     dense_test = evaluate_model(model, data, "test")
     ours = [m for m in args.methods if m in OURS]
     theirs = [m for m in args.methods if m in TP_ROWS]
-    grid = [g for g in run_grid(args.targets, args.seeds, ours + theirs, args.allocations)
-            if not (g[0] in TP_ROWS and g[2] != "global")]
+    grid = run_grid(args.targets, args.seeds, ours + theirs, args.allocations)
     done_new = 0
     for method, target, alloc, seed in grid:
         name = run_name(method, target, alloc, seed)

@@ -62,6 +62,13 @@ def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None
         p.add_argument("--checkpoint", default=None, help="safetensors weights of --model")
 
 
+def _add_memory_format(p: argparse.ArgumentParser) -> None:
+    from hap.finetune import MEMORY_FORMATS
+
+    p.add_argument("--memory-format", default="auto", choices=list(MEMORY_FORMATS),
+                   help="conv tensor layout for training (auto: time both on one batch, keep the faster)")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hap", description="Hessian-Aware Pruning with Neural Implant")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -93,8 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=15)
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
-                   help="conv tensor layout for training (auto: time both on one batch, keep the faster)")
+    _add_memory_format(t)
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--overwrite", action="store_true", help="start over in a directory that holds a run")
@@ -113,14 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-layer-ratio", type=float, default=0.95)
     p.add_argument("--round-to", type=int, default=1)
     p.add_argument("--sign", default="signed", choices=["signed", "clamp", "abs"])
-    p.add_argument("--rank-by", default="score", choices=["score", "score_per_param", "layer_normalized"],
+    from hap.plan import RANKINGS
+
+    p.add_argument("--rank-by", default="score", choices=list(RANKINGS),
                    help="global ranking key (see hap.plan)")
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--curvature", default="auto", choices=["auto", "hessian", "fisher"])
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
-                   help="conv tensor layout for training (auto: time both on one batch, keep the faster)")
+    _add_memory_format(p)
     p.add_argument("--kd", type=float, default=0.0, help="distillation weight from the unpruned model (0: off)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true")
@@ -134,8 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_args(f)
     f.add_argument("--epochs", type=int, default=1)
     f.add_argument("--lr", type=float, default=0.01)
-    f.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
-                   help="conv tensor layout for training (auto: time both on one batch, keep the faster)")
+    _add_memory_format(f)
     f.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="accuracy, params, MACs and CPU latency of a model", epilog=EXAMPLES["eval"],

@@ -188,8 +188,6 @@ def _lr_at(cfg: TrainConfig, epoch_f: float) -> float:
 def _resolve_memory_format(model: nn.Module, data: Any, cfg: TrainConfig) -> str:
     if cfg.memory_format != "auto":
         return cfg.memory_format
-    if not _has_conv(model):
-        return "contiguous"
     gen = torch.Generator().manual_seed(cfg.seed)
     x, y = next(iter(data.loader("train", cfg.batch_size, shuffle=True, augment=False, generator=gen)))
     return pick_memory_format(model, x, y)

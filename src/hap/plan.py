@@ -481,8 +481,8 @@ def plan(
         rank_by: ``"score"`` (the paper's), ``"score_per_param"``: the score divided by the number of
             weights the unit's removal deletes, so cheap-to-keep units are not removed for little gain, or
             ``"layer_normalized"``: each group's scores divided by their L2 norm before the global ranking
-            (what Michel et al. do to head scores; it spreads the pruning across layers). Only with
-            ``allocation="global"``.
+            (what Michel et al. do to head scores; it spreads the pruning across layers). The key matters
+            for ``allocation="global"``; under ``"uniform"`` it only orders groups at the same ratio.
             Which ranks better is a question for the study (DESIGN.md section 1), hence an option.
         tol: Largest accepted ``|achieved - target|`` (as fractions).
 
@@ -511,8 +511,6 @@ def plan(
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if rank_by not in RANKINGS:
         raise ValueError(f"rank_by must be one of {', '.join(RANKINGS)}, got {rank_by!r}")
-    if rank_by != "score" and allocation != "global":
-        raise ValueError(f"rank_by={rank_by!r} only changes a global ranking: pass allocation='global' with it")
     if not 0.0 < tol < 0.5:
         raise ValueError(f"tol must be in (0, 0.5), got {tol}")
     sensitivity.ranking_scores(sign)  # validates ``sign`` before any work

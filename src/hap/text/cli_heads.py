@@ -44,6 +44,8 @@ METHODS = ("hap", "hap-fisher", "michel", "l1", "magnitude", "l2", "taylor", "ra
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``hap heads`` and its options."""
+    from hap.plan import RANKINGS
+
     p = sub.add_parser(
         "heads",
         help="prune attention heads of a local Hugging Face encoder (tweets or a CSV); one run directory",
@@ -67,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="hap-fisher (default): HAP score, Fisher traces; hap: Hutchinson Hessian traces (the paper's)")
     p.add_argument("--allocation", default="global", choices=["global", "uniform"])
     p.add_argument("--sign", default="signed", choices=["signed", "clamp", "abs"])
-    p.add_argument("--rank-by", default="layer_normalized", choices=["score", "layer_normalized"],
+    p.add_argument("--rank-by", default="layer_normalized", choices=list(RANKINGS),
                    help="layer_normalized: L2-normalise each layer's head scores before ranking (Michel et al.)")
     p.add_argument("--max-samples", type=int, default=128, help="Hutchinson vectors (method hap)")
     p.add_argument("--max-length", type=int, default=64, help="longest token sequence")

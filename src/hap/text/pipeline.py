@@ -147,7 +147,7 @@ def prune_heads_and_finetune(
              sens_converged=sens.converged)
     t1 = time.perf_counter()
     p = plan(model, sens, Target(heads=cfg.heads), allocation=cfg.allocation, sign=cfg.sign, implant=None,
-             rank_by=cfg.rank_by if cfg.allocation == "global" else "score")  # a ranking key only ranks globally
+             rank_by=cfg.rank_by)
     m["plan_s"] = time.perf_counter() - t1
     small = prune(model, p).eval()
     m["test_acc_oneshot"] = evaluate_text(small, tokenizer, data, "test", max_length=cfg.max_length)
