@@ -23,7 +23,7 @@ import hap  # noqa: E402
 import heads_study  # noqa: E402
 from _common import OUT, machine  # noqa: E402
 from hap._utils import atomic_write_text  # noqa: E402
-from hap.hessian import spearman  # noqa: E402
+from hap.estimate.stats import spearman  # noqa: E402
 from hap.text.data import TextLoader, load_text_data  # noqa: E402
 from hap.text.pipeline import classifier_loss  # noqa: E402
 

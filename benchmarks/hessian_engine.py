@@ -35,9 +35,10 @@ import hap  # noqa: E402
 import hap.data  # noqa: E402
 import hap.models  # noqa: E402
 from _common import OUT, dense_resnet, machine  # noqa: E402
-from hap._reduce import UnitReducer  # noqa: E402
+from hap.estimate.hutchinson import _HVP, _rademacher, estimate_traces  # noqa: E402
+from hap.estimate.reduce import UnitReducer  # noqa: E402
+from hap.estimate.stats import spearman  # noqa: E402
 from hap.finetune import load_weights  # noqa: E402
-from hap.hessian import _HVP, _rademacher, estimate_traces, spearman  # noqa: E402
 
 VARIANTS = {
     "global (1 vector/product)": dict(probe="global", vectors_per_product=1),

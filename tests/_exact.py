@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from hap.groups import Unit
+from hap.units import Unit
 
 
 def unit_params(model: nn.Module, units: list[Unit]) -> tuple[list[str], dict[str, torch.Tensor]]:

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hap
-from hap.plan import GroupPlan
+from hap.planning import GroupPlan
 
 
 class ImplantNet(nn.Module):

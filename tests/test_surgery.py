@@ -11,7 +11,7 @@ import torch.nn as nn
 import hap
 import hap.models as zoo
 from hap.implant import ImplantedConv, ScatterImplantedConv
-from hap.plan import GroupPlan
+from hap.planning import GroupPlan
 
 from ._plan_helpers import ImplantNet, example, masked, randomize, scores  # noqa: F401
 from .conftest import make_tiny

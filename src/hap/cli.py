@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-layer-ratio", type=float, default=0.95)
     p.add_argument("--round-to", type=int, default=1)
     p.add_argument("--sign", default="signed", choices=["signed", "clamp", "abs"])
-    from hap.plan import RANKINGS
+    from hap.config import RANKINGS
 
     p.add_argument("--rank-by", default="score", choices=list(RANKINGS),
                    help="global ranking key (see hap.plan)")
@@ -329,8 +329,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     target = _parse_target(args.target)
-    if args.method not in hap.METHODS:
-        raise UserError(f"unknown method {args.method!r}; choose one of {', '.join(hap.METHODS)}")
+    if args.method not in hap.criteria.names(with_aliases=True):
+        raise UserError(f"unknown method {args.method!r}; choose one of {', '.join(hap.criteria.names())}")
     if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
         raise UserError(f"'{out}' already holds a run: pass --resume to continue it or --overwrite to start over")
     data = _load_data(args)

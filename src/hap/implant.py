@@ -35,14 +35,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._utils import call_model, eval_mode
+from .config import IMPLANT_KINDS
 
 __all__ = [
     "IMPLANT_KINDS",
     "ImplantedConv",
     "ScatterImplantedConv",
     "implant_unsupported_reason",
+    "implant_block_reason",
     "lowrank_rank",
     "implant_params",
     "pointwise_implant",
@@ -51,7 +54,6 @@ __all__ = [
     "calibrate",
 ]
 
-IMPLANT_KINDS = ("pointwise", "lowrank")
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -155,6 +157,32 @@ def implant_unsupported_reason(conv: nn.Module, kind: str) -> str | None:
         return "it is already a 1x1 convolution"
     if kind == "pointwise" and _pointwise_padding(conv) is None:
         return f"a 1x1 conv cannot align with its kernel {conv.kernel_size} / padding {conv.padding}"
+    return None
+
+
+def implant_block_reason(root: str, members: Iterable[tuple[str, nn.Module | None, str]]) -> str | None:
+    """Why the channels of group root ``root`` cannot carry an implant; ``None`` when they can.
+
+    The one implantability rule, used by the planner (on the units' parameter slices) and by the surgery
+    (on the traced graph): implants go only to groups with a single producer whose channels pass through
+    nothing but BatchNorms before reaching consumers that are Linear or ungrouped convolutions. A residual
+    group (several producers tied by an add) would keep the other producers' k x k filters for those
+    channels, so an implant there saves little and mixes an approximation into an exact sum.
+
+    Args:
+        root: Qualified name of the group's root layer.
+        members: ``(module name, module, role)`` for every layer holding the group's channels, role
+            ``"out"`` (produces or normalises them) or ``"in"`` (consumes them).
+    """
+    for mname, m, role in members:
+        if role == "out":
+            if mname == root or isinstance(m, _BatchNorm):
+                continue
+            if isinstance(m, nn.modules.conv._ConvNd | nn.Linear):
+                return f"several layers produce these channels ('{mname}' too: a residual add)"
+            return f"the channels pass through '{mname}' ({type(m).__name__})"
+        if not (isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1)):
+            return f"the channels feed '{mname}' ({type(m).__name__}), which cannot be reordered"
     return None
 
 

@@ -18,9 +18,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ._utils import atomic_write_text
-from .plan import PruningPlan, first_line
-from .sensitivity import model_signature
+from ._utils import atomic_write_text, first_line, model_signature
+from .planning.types import PruningPlan
 from .surgery import prune
 
 __all__ = ["save", "load", "PLAN_FILE", "WEIGHTS_FILE"]

@@ -11,8 +11,6 @@ the number the Torch-Pruning and HAP papers report, so the targets here mean the
 
 from __future__ import annotations
 
-import contextlib
-import io
 import statistics
 import time
 from collections.abc import Iterable, Mapping
@@ -21,11 +19,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
+from . import _tp
 from ._utils import call_model, eval_mode
 
-__all__ = ["ModelCost", "Latency", "count_params", "count_macs", "measure", "latency", "accuracy"]
+__all__ = ["ModelCost", "Latency", "count_params", "count_macs", "count_macs_disposable", "measure", "latency",
+           "accuracy"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +81,8 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     # (Hugging Face style) reach the model with no positional input, so it prints a warning, assumes
     # batch 1, and we divide here.
     keyword = isinstance(example_inputs, Mapping)
-    with eval_mode(model), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    return int(round(float(macs) / (_batch_size(example_inputs) if keyword else 1)))
+    macs = _tp.count_ops(model, example_inputs)
+    return int(round(macs / (_batch_size(example_inputs) if keyword else 1)))
 
 
 def measure(model: nn.Module, example_inputs: Any) -> ModelCost:
@@ -92,26 +90,11 @@ def measure(model: nn.Module, example_inputs: Any) -> ModelCost:
     return ModelCost(params=count_params(model), macs=count_macs(model, example_inputs))
 
 
-def _count_macs_disposable(model: nn.Module, example_inputs: Any) -> int:
-    """:func:`count_macs` without Torch-Pruning's defensive deep copy, for a model about to be dropped.
-
-    The planner measures one throw-away pruned copy per search step; copying it once more inside the
-    counter doubled the planning time. Same counter (Torch-Pruning's hooks), so the same numbers; falls
-    back to the public function if that module's layout ever changes.
-    """
-    try:
-        from torch_pruning.utils.op_counter import add_flops_counting_methods
-    except ImportError:  # pragma: no cover - other Torch-Pruning versions
-        return count_macs(model, example_inputs)
+def count_macs_disposable(model: nn.Module, example_inputs: Any) -> int:
+    """:func:`count_macs` without Torch-Pruning's defensive deep copy, for a model about to be dropped."""
     keyword = isinstance(example_inputs, Mapping)
-    model.eval()
-    counted = add_flops_counting_methods(model)
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        counted.start_flops_count(ost=io.StringIO(), verbose=False, ignore_list=[])
-        call_model(counted, example_inputs)
-        macs = counted.compute_average_flops_cost()[0]
-        counted.stop_flops_count()
-    return int(round(float(macs) / (_batch_size(example_inputs) if keyword else 1)))
+    macs = _tp.count_ops_disposable(model, example_inputs)
+    return int(round(macs / (_batch_size(example_inputs) if keyword else 1)))
 
 
 def latency(

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from .finetune import TrainConfig, evaluate, recalibrate_bn, train
 from .metrics import count_macs, count_params, latency
-from .plan import PruningPlan, Target, plan
+from .planner import plan
+from .planning import PruningPlan, Target
 from .sensitivity import Sensitivity, sensitivity
 from .surgery import prune
 

@@ -1,4 +1,4 @@
-"""``hap.sensitivity``: model + data -> per-unit scores, saved as a readable JSON file.
+"""``hap.sensitivity``: model + data -> per-unit scores (units x criterion), saved as a readable JSON file.
 
 The HAP score of unit ``u`` is ``Tr(H_uu) / n_u * ||w_u||^2``: the second-order loss increase of zeroing
 the unit if its Hessian block were isotropic (``H_uu ~ Tr(H_uu)/n_u * I``). Estimates are kept *signed*:
@@ -9,6 +9,7 @@ that has not converged; :meth:`Sensitivity.ranking_scores` lets the planner choo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,24 +23,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._reduce import UnitReducer
-from ._utils import atomic_write_text
-from .groups import Unit, channel_groups, flatten_units
-from .hessian import estimate_traces, materialize_batches
-from .scores import BASELINES
+from . import criteria
+from ._utils import atomic_write_text, materialize_batches, model_signature
+from .config import SensitivityConfig
+from .criteria.base import CriterionResult, ScoreContext
+from .estimate.reduce import UnitReducer
+from .units import Unit, family_for_kind, get_family
 
-__all__ = ["UnitSensitivity", "Sensitivity", "sensitivity", "model_signature", "METHODS"]
+__all__ = ["UnitSensitivity", "Sensitivity", "sensitivity", "model_signature"]
 
 FORMAT_VERSION = 1
-METHODS = ("hap", "l1", "magnitude", "l2", "taylor", "obd", "michel", "random")
-
-
-def model_signature(model: nn.Module) -> str:
-    """Hash of parameter names and shapes: identifies an architecture (and width), not its weights."""
-    h = hashlib.sha256()
-    for n, p in model.named_parameters():
-        h.update(f"{n}:{tuple(p.shape)};".encode())
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -239,29 +232,32 @@ def _first_inputs(data: Sequence[tuple[Any, Any]]) -> Any:
     return dict(x) if isinstance(x, dict) else x
 
 
+def _input_record(x: Any) -> dict[str, Any]:
+    """What the planner needs to rebuild an example input: shapes (batch 1) and dtypes.
+
+    Integer token ids passed positionally need their dtype recorded, not only their shape, or the
+    planner would rebuild them as floats.
+    """
+    if isinstance(x, torch.Tensor):
+        return {"input_shape": list(x.shape[1:]), "input_dtype": str(x.dtype).removeprefix("torch.")}
+    if isinstance(x, Mapping):  # keyword inputs (text models): names, shapes and dtypes at batch 1
+        return {"input_spec": {"kwargs": {
+            str(k): {"shape": [1, *v.shape[1:]], "dtype": str(v.dtype).removeprefix("torch.")}
+            for k, v in x.items() if isinstance(v, torch.Tensor)
+        }}}
+    return {}
+
+
 def sensitivity(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     batches: Iterable[Any],
-    units: str | Sequence[Unit] = "channels",
-    method: str = "hap",
+    units: str | Sequence[Unit] | None = None,
+    method: str | None = None,
     *,
-    max_samples: int | None = None,
-    min_samples: int | None = None,
-    tol: float = 0.05,
-    stability: float | None = 0.95,
-    samples_per_batch: int = 8,
-    max_batches: int = 16,
-    probe: str = "global",
-    partitions: int = 4,
-    vectors_per_product: int = 1,
-    curvature: str = "auto",
-    backend: str = "auto",
-    scope: str = "all",
-    exclude: Sequence[str | nn.Module] | None = None,
-    seed: int = 0,
+    config: SensitivityConfig | None = None,
     progress: bool = True,
-    max_seconds: float | None = None,
+    **options: Any,
 ) -> Sensitivity:
     """Score every structured unit of ``model`` by how much the loss depends on it.
 
@@ -269,44 +265,55 @@ def sensitivity(
         model: The trained network. Not modified; its train/eval modes are restored.
         loss_fn: ``loss_fn(model(inputs), targets) -> scalar`` (the model's output passed as it is).
         batches: ``(inputs, targets)`` pairs; ``inputs`` a tensor (positional) or a mapping (keywords).
-        units: ``"channels"`` (dependency groups traced on the first batch), ``"heads"`` (attention
-            heads, transformers), or a list of units from :func:`hap.channel_groups`.
-        method: ``"hap"`` or a baseline: ``"l1"``/``"magnitude"``, ``"l2"``, ``"taylor"``, ``"obd"``,
-            ``"michel"`` (heads only), ``"random"``.
-        curvature: ``"fisher"``, ``"hessian"`` or ``"auto"`` (default, = the Monte-Carlo Fisher). Measured
-            in ``benchmarks/hessian_engine.py`` (docs/engine.md) on ResNet-20: the Fisher's ranking reaches a
-            split-half stability of 0.98 in 11 s where 45 s of Hutchinson products reach 0.38, and it agrees
-            with the pooled Hessian ranking better (0.89) than any single Hutchinson run does (<= 0.79). On the
-            MiniLM's 72 heads (512 tweets): Fisher split-half 0.99 in 79 s, 128 Hutchinson vectors -0.05 in
-            276 s. ``"hessian"`` is the paper's estimator.
-        max_samples, min_samples: Bounds on samples: probe vectors (Hessian; default 32..512) or examples
-            (Fisher; default 256..8192).
-        tol, stability, samples_per_batch, max_batches, probe, partitions, vectors_per_product, backend,
-        max_seconds: See :func:`hap.hessian.estimate_traces`.
-        scope: ``"all"`` slices removed with a unit enter its score, or only the ``"producer"``'s.
-        exclude: Layers never pruned (only with ``units="channels"``).
-        seed: Seeds every random choice.
+        units: A registered unit family (``"channels"``, the default, traced on the first batch;
+            ``"heads"``), or a list of units (e.g. from :func:`hap.channel_groups`).
+        method: A registered criterion (:func:`hap.criteria.names`): ``"hap"`` (default), ``"hap-fisher"``,
+            ``"hap-hessian"``, ``"l1"``, ``"l2"``, ``"taylor"``, ``"obd"``, ``"michel"`` (heads), ``"random"``.
+        config: All options at once; keywords in ``options`` override its fields.
         progress: Show progress bars.
+        **options: Any field of :class:`hap.config.SensitivityConfig` (``curvature``, ``max_samples``,
+            ``tol``, ``stability``, ``max_batches``, ``scope``, ``exclude``, ``seed``, ...). The default
+            ``curvature="auto"`` is the Monte-Carlo Fisher: on ResNet-20 its ranking reaches a split-half
+            stability of 0.98 in 11 s where 45 s of Hutchinson products reach 0.38 (docs/engine.md).
 
     Raises:
-        ValueError: Unknown method/units, empty batches, a model without prunable layers, units that
-            name parameters the model lacks, ``max_samples < 1``.
+        ValueError: Unknown method/units/option, a criterion that cannot score these units, empty
+            batches, a model without prunable layers, units naming parameters the model lacks,
+            non-finite scores.
         RuntimeError: The loss is NaN or infinite.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if curvature not in ("auto", "fisher", "hessian"):
-        raise ValueError(f"curvature must be 'auto', 'fisher' or 'hessian', got {curvature!r}")
-    if curvature == "auto":
-        curvature = "fisher"
-    lo, hi = (256, 8192) if curvature == "fisher" else (32, 512)
-    max_samples = hi if max_samples is None else max_samples
-    min_samples = min(lo, max_samples) if min_samples is None else min_samples
-    if max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    cfg = config or SensitivityConfig()
+    if "exclude" in options and options["exclude"] is not None:
+        options["exclude"] = tuple(options["exclude"])
+    elif "exclude" in options:
+        options["exclude"] = ()
+    cfg = cfg.replace(**options)
+    if isinstance(units, str):
+        cfg = cfg.replace(units=units)
+    if method is not None:
+        cfg = cfg.replace(method=method)
+    crit = criteria.get(cfg.method)
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {cfg.max_samples}")
+    if cfg.scope not in ("all", "producer"):
+        raise ValueError(f"scope must be 'all' or 'producer', got {cfg.scope!r}")
     start = time.perf_counter()
-    data = materialize_batches(batches, max_batches)
-    unit_list = _resolve_units(model, units, data, exclude)
+    data = materialize_batches(batches, cfg.max_batches)
+    if units is None or isinstance(units, str):
+        unit_list = get_family(cfg.units).discover(model, _first_inputs(data), cfg.exclude)
+    else:
+        unit_list = list(units)
+        cfg = cfg.replace(units="given")
+    if not unit_list:
+        raise ValueError("no units to score: the unit family found none in this model")
+    kinds = list(dict.fromkeys(u.kind for u in unit_list))
+    fams = [family_for_kind(k) for k in kinds]  # an unknown kind is an error here, never dropped later
+    for k in kinds:
+        if not crit.supports(k):
+            raise ValueError(
+                f"criterion {crit.name!r} scores {', '.join(crit.unit_kinds or ())} units, not {k!r} units; "
+                f"choose one of {', '.join(criteria.names(k))}"
+            )
     named = dict(model.named_parameters())
     shapes: dict[str, torch.Size] = {}
     for u in unit_list:
@@ -317,109 +324,54 @@ def sensitivity(
                     "the units come from another model"
                 )
             shapes[s.param] = named[s.param].shape
-    reducer = UnitReducer(unit_list, shapes, scope=scope)
+    reducer = UnitReducer(unit_list, shapes, scope=cfg.scope)
     params = {n: named[n] for n in shapes}
     n_u = reducer.counts().numpy()
     sq = reducer({n: p.detach() ** 2 for n, p in params.items()}).numpy()
-    settings: dict[str, Any] = {"scope": scope, "seed": seed, "max_batches": max_batches}
-    if isinstance(data[0][0], torch.Tensor):  # lets hap.plan count MACs for the input size scored on
-        settings["input_shape"] = list(data[0][0].shape[1:])
-    elif isinstance(data[0][0], Mapping):  # keyword inputs (text models): names, shapes and dtypes at batch 1
-        settings["input_spec"] = {"kwargs": {
-            str(k): {"shape": [1, *v.shape[1:]], "dtype": str(v.dtype).removeprefix("torch.")}
-            for k, v in data[0][0].items() if isinstance(v, torch.Tensor)
-        }}
-    trace = trace_se = None
-    samples = batches_used = 0
-    converged, reason = True, "single pass"
-    split = med_rel = float("nan")
-    if method == "hap":
-        weight = sq / np.maximum(n_u, 1)
-        est = estimate_traces(
-            model,
-            loss_fn,
-            data,
-            unit_list,
-            max_samples=max_samples,
-            min_samples=min_samples,
-            tol=tol,
-            stability=stability,
-            samples_per_batch=samples_per_batch,
-            max_batches=max_batches,
-            probe=probe,
-            partitions=partitions,
-            vectors_per_product=vectors_per_product,
-            curvature=curvature,
-            backend=backend,
-            scope=scope,
-            score_weight=weight,
-            seed=seed,
-            progress=progress,
-            max_seconds=max_seconds,
+    ctx = ScoreContext(model, loss_fn, data, unit_list, params, reducer, cfg, n_u, sq, progress)
+    with contextlib.ExitStack() as stack:
+        for fam in fams:
+            stack.enter_context(fam.estimation_context(model))
+        out = crit.score(ctx)
+    res = out if isinstance(out, CriterionResult) else CriterionResult(scores=np.asarray(out, dtype=np.float64))
+    if not isinstance(out, CriterionResult) and crit.needs_data:
+        res.batches = res.samples = len(data)
+    scores = np.asarray(res.scores, dtype=np.float64)
+    if scores.shape != (len(unit_list),):
+        raise ValueError(f"criterion {crit.name!r} returned {scores.shape} scores for {len(unit_list)} units")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise ValueError(
+            f"criterion {crit.name!r} gave non-finite scores for {bad.size} unit(s) (first: {unit_list[bad[0]].name}): "
+            "check the model's weights and the data for inf/NaN"
         )
-        trace, trace_se = est.trace, est.trace_se
-        scores = trace * weight
-        samples, batches_used = est.samples, est.batches
-        converged, reason = est.converged, est.stop_reason
-        split, med_rel = est.split_half, est.median_rel_se
-        settings.update(
-            max_samples=max_samples,
-            min_samples=min_samples,
-            tol=tol,
-            stability=stability,
-            samples_per_batch=samples_per_batch,
-            probe=probe,
-            partitions=partitions,
-            vectors_per_product=vectors_per_product,
-            curvature=curvature,
-            backend=est.backend,
-        )
-    else:
-        fn = BASELINES[method]
-        scores = fn(params, reducer, model=model, loss_fn=loss_fn, data=data, seed=seed, units=unit_list)
-        batches_used = len(data) if method in ("taylor", "obd", "michel") else 0
-        samples = batches_used
+    settings: dict[str, Any] = {"units": cfg.units, "scope": cfg.scope, "seed": cfg.seed,
+                                "max_batches": cfg.max_batches}
+    if cfg.exclude:
+        settings["exclude"] = list(cfg.exclude)
+    settings.update(_input_record(data[0][0]))
+    settings.update(res.settings)
     out_units = [
         UnitSensitivity(
             unit=u,
             n=int(n_u[i]),
             sq_norm=float(sq[i]),
             score=float(scores[i]),
-            trace=None if trace is None else float(trace[i]),
-            trace_se=None if trace_se is None else float(trace_se[i]),
+            trace=None if res.trace is None else float(res.trace[i]),
+            trace_se=None if res.trace_se is None else float(res.trace_se[i]),
         )
         for i, u in enumerate(unit_list)
     ]
     return Sensitivity(
-        method="l1" if method == "magnitude" else method,
+        method=crit.name,
         units=out_units,
         model_signature=model_signature(model),
-        samples=samples,
-        batches=batches_used,
+        samples=res.samples,
+        batches=res.batches,
         wall_time_s=time.perf_counter() - start,
-        converged=converged,
-        stop_reason=reason,
-        split_half=split,
-        median_rel_se=med_rel,
+        converged=res.converged,
+        stop_reason=res.stop_reason,
+        split_half=res.split_half,
+        median_rel_se=res.median_rel_se,
         settings=settings,
     )
-
-
-def _resolve_units(
-    model: nn.Module,
-    units: str | Sequence[Unit],
-    data: Sequence[tuple[Any, Any]],
-    exclude: Sequence[str | nn.Module] | None,
-) -> list[Unit]:
-    if isinstance(units, str):
-        if units == "channels":
-            return flatten_units(channel_groups(model, _first_inputs(data), exclude=exclude))
-        if units == "heads":
-            from .heads import head_units
-
-            return head_units(model)
-        raise ValueError(f"units must be 'channels', 'heads' or a list of units, got {units!r}")
-    unit_list = list(units)
-    if not unit_list:
-        raise ValueError("units is empty: nothing to score")
-    return unit_list

@@ -2,10 +2,11 @@
 
 Three passes over one model:
 
-1. **Remove.** For every group, Torch-Pruning's dependency graph prunes the removed channels out of the
-   group's root layer and every layer coupled to it (BatchNorm entries, consumers' input columns,
-   across residual adds, concatenations, flattens and depthwise convs):
-   ``DG.get_pruning_group(root, prune_out_channels, idxs).prune()``.
+1. **Remove.** Every unit family in the plan removes its units (:meth:`hap.units.UnitFamily.apply`), in
+   the families' registration order: channels through Torch-Pruning's dependency graph (the root layer
+   and every layer coupled to it: BatchNorm entries, consumers' input columns, across residual adds,
+   concatenations, flattens and depthwise convs), attention heads by their own slicing. A plan group of a
+   kind no family handles is an error, never silently skipped.
 2. **Reorder** (groups with implants). On a graph traced again on the smaller model, the group's
    surviving channels are permuted so the kept ones come first and the implanted ones last: the root's
    filters, the BatchNorm entries and running statistics, and every consumer's input columns, with
@@ -14,32 +15,26 @@ Three passes over one model:
 3. **Implant.** The root conv becomes ``ImplantedConv(kept filters, implant)`` whose output
    ``cat([kept, implanted])`` is already in the order the consumers now expect.
 
-Implants are only given to groups with a single producer, a k x k convolution, whose channels pass
-through nothing but BatchNorms before reaching their consumers (convolutions and linear layers).
-Residual groups (several producers tied by an add) are not implanted: an implant in one producer would
-still leave the other producers' k x k filters for those channels, so it would save little and the
-residual sum would mix an approximation with exact filters; the planner removes such candidates
-instead, and this module refuses a plan that asks otherwise.
+Which groups may carry implants is one rule (:func:`hap.implant.implant_block_reason`), applied by the
+planner on the units' slices and checked here again on the traced graph, so a hand-edited plan that asks
+for an implant on a residual group is refused.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._utils import eval_mode
-from .groups import build_dependency_graph
-from .heads import prune_heads
-from .implant import implant_unsupported_reason, implanted_conv, slice_conv
-from .sensitivity import model_signature
-
-if TYPE_CHECKING:
-    from .plan import GroupPlan, PruningPlan
+from . import _tp
+from ._utils import eval_mode, model_signature
+from .implant import implant_block_reason, implant_unsupported_reason, implanted_conv, slice_conv
+from .planning.types import GroupPlan, PruningPlan
+from .units import families, family_for_kind
 
 __all__ = ["prune", "apply_groups", "LAYOUTS"]
 
@@ -47,7 +42,7 @@ LAYOUTS = ("concat", "scatter")
 
 
 def prune(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, layout: str = "concat") -> nn.Module:
-    """The model ``plan`` describes: removed channels gone, implanted channels replaced by implants.
+    """The model ``plan`` describes: removed units gone, implanted channels replaced by implants.
 
     Args:
         model: The model the plan was made on (same architecture and widths; weights may differ, e.g.
@@ -62,8 +57,9 @@ def prune(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, layout:
         The pruned model, in the train/eval mode ``model`` was in.
 
     Raises:
-        ValueError: The plan was made for another architecture, or asks for something this model
-            cannot do (an implant on a residual group); the input model is untouched unless ``inplace``.
+        ValueError: The plan was made for another architecture, names a unit kind no family handles, or
+            asks for something this model cannot do (an implant on a residual group); the input model is
+            untouched unless ``inplace``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'concat' or 'scatter', got {layout!r}")
@@ -75,6 +71,7 @@ def prune(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, layout:
         )
     named = dict(model.named_modules())
     for g in plan.groups:
+        family_for_kind(g.kind)
         if g.name not in named:
             raise ValueError(f"the plan prunes layer '{g.name}' that the model does not have: plan again on this model")
     out = model if inplace else copy.deepcopy(model)
@@ -85,32 +82,27 @@ def prune(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, layout:
 
 def apply_groups(model: nn.Module, groups: Sequence[GroupPlan], example_inputs: Any, layout: str = "concat") -> None:
     """Prune ``model`` in place as ``groups`` say (the surgery behind :func:`prune`; no signature check)."""
-    heads = {g.name: sorted(g.removed) for g in groups if g.kind == "head" and g.removed}
-    groups = [g for g in groups if g.kind == "channel"]
+    for g in groups:
+        family_for_kind(g.kind)  # unknown kinds fail before anything is cut
     with eval_mode(model):
-        named = dict(model.named_modules())
-        dg = None
-        if any(g.removed for g in groups):
-            dg = build_dependency_graph(model, example_inputs)
-            for g in groups:
-                if g.removed:
-                    root = named[g.name]
-                    fn = dg.get_pruner_of_module(root).prune_out_channels
-                    dg.get_pruning_group(root, fn, sorted(g.removed)).prune()
-        if heads:
-            # attention heads: their own slicing (hap.heads); Torch-Pruning does not know heads
-            prune_heads(model, heads)
-            named = dict(model.named_modules())
-            dg = None
+        for fam in families():
+            removed = {g.name: sorted(g.removed) for g in groups if g.kind == fam.kind and g.removed}
+            if removed:
+                fam.apply(model, removed, example_inputs)
         implanted = [g for g in groups if g.implanted]
         if not implanted:
             return
+        named = dict(model.named_modules())
         for g in implanted:
+            if g.kind != "channel":
+                raise ValueError(
+                    f"the plan implants units of '{g.name}', a {g.kind!r} group: only channels take implants"
+                )
             reason = implant_unsupported_reason(named[g.name], g.implant or "pointwise")
             if reason is not None:
                 raise ValueError(f"the plan implants channels of '{g.name}' but {reason}: plan with implant=None")
-        if dg is None:  # Torch-Pruning keeps its graph valid through its own pruning: reuse it
-            dg = build_dependency_graph(model, example_inputs)
+        # the graph is traced again on the pruned model: the reorder needs its index maps
+        dg = _tp.build_dependency_graph(model, example_inputs)
         orders = {}
         items = {}
         names = {m: k for k, m in named.items()}
@@ -118,11 +110,11 @@ def apply_groups(model: nn.Module, groups: Sequence[GroupPlan], example_inputs: 
             remaining = sorted([*g.kept, *g.implanted])
             pos = {c: i for i, c in enumerate(remaining)}
             orders[g.name] = [pos[c] for c in sorted(g.kept)] + [pos[c] for c in sorted(g.implanted)]
-            items[g.name] = _group_items(dg, named[g.name], len(remaining))
-            _check_implantable_group(dg, names, items[g.name], named[g.name], g.name)
+            items[g.name] = _tp.group_items(dg, named[g.name], range(len(remaining)))
+            _check_implantable_group(names, items[g.name], named[g.name], g.name)
         if layout == "concat":
             for g in implanted:
-                _permute_group(dg, items[g.name], orders[g.name])
+                _permute_group(items[g.name], orders[g.name])
         for g in implanted:
             root = named[g.name]
             n_kept = len(g.kept)
@@ -142,60 +134,35 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _group_items(dg: Any, root: nn.Module, n: int) -> list[Any]:
-    fn = dg.get_pruner_of_module(root).prune_out_channels
-    return list(dg.get_pruning_group(root, fn, list(range(n))).items)
+def _check_implantable_group(names: dict[nn.Module, str], items: list[_tp.Item], root: nn.Module, name: str) -> None:
+    """Refuse groups whose channels may not carry an implant (the rule of ``implant_block_reason``)."""
+    members = [
+        (names[it.module], it.module, "out" if it.is_out else "in")
+        for it in items
+        if it.module is not root and it.module in names and _has_state(it.module)
+    ]
+    why = implant_block_reason(name, members)
+    if why is not None:
+        raise ValueError(f"the plan implants channels of '{name}' but {why}: plan with implant=None")
 
 
-def _check_implantable_group(
-    dg: Any, names: dict[nn.Module, str], items: list[Any], root: nn.Module, name: str
-) -> None:
-    """Refuse groups whose channel order cannot be permuted safely (see the module docstring)."""
-    for item in items:
-        module = item.dep.target.module
-        if module is root or module not in names:
-            continue  # the root itself, or a parameter-free op of the traced graph (relu, cat, add, flatten)
-        mname = names[module]
-        is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
-        if isinstance(module, _BatchNorm):
-            continue
-        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear) and not is_out:
-            if getattr(module, "groups", 1) != 1:
-                raise ValueError(
-                    f"the plan implants channels of '{name}' but they feed the grouped conv '{mname}': "
-                    "plan with implant=None"
-                )
-            continue
-        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
-            raise ValueError(
-                f"the plan implants channels of '{name}' but '{mname}' also produces them (a residual add): "
-                "only single-producer groups can carry implants; plan with hap.plan again"
-            )
-        if _has_state(module):
-            raise ValueError(
-                f"the plan implants channels of '{name}' but they pass through '{mname}' "
-                f"({type(module).__name__}), whose channels hap cannot reorder: plan with implant=None"
-            )
-
-
-def _permute_group(dg: Any, items: list[Any], order: list[int]) -> None:
+def _permute_group(items: list[_tp.Item], order: list[int]) -> None:
     """Reorder the channels of a group (its ``items``): new channel ``q`` is old channel ``order[q]``."""
     n = len(order)
     for item in items:
-        module = item.dep.target.module
+        module = item.module
         if not _has_state(module):
             continue  # a parameter-free op of the traced graph
         blocks: dict[int, list[int]] = {}
-        for idx, r in zip(item.idxs, item.root_idxs, strict=True):
-            blocks.setdefault(int(r), []).append(int(idx))
+        for idx, r in zip(item.idxs, item.roots, strict=True):
+            blocks.setdefault(r, []).append(idx)
         if sorted(blocks) != list(range(n)):
             raise ValueError(f"cannot reorder the channels of {type(module).__name__}: its index map is partial")
         if len({len(b) for b in blocks.values()}) != 1:
             raise ValueError(f"cannot reorder channels of {type(module).__name__}: uneven index blocks")
         # block q holds the positions channel q occupies in this tensor (one, or several behind a flatten)
         table = torch.tensor([sorted(blocks[q]) for q in range(n)], dtype=torch.long)
-        is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
-        for pname, dim in _channel_dims(module, is_out):
+        for pname, dim in _channel_dims(module, item.is_out):
             t = getattr(module, pname)
             perm = torch.arange(t.shape[dim])
             perm[table.reshape(-1)] = table[torch.tensor(order)].reshape(-1)

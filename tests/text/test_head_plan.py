@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import hap
-from hap.heads import mask_heads
+from hap.units.heads import mask_heads
 
 transformers = pytest.importorskip("transformers")
 

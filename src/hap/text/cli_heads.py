@@ -44,7 +44,7 @@ METHODS = ("hap", "hap-fisher", "michel", "l1", "magnitude", "l2", "taylor", "ra
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``hap heads`` and its options."""
-    from hap.plan import RANKINGS
+    from hap.config import RANKINGS
 
     p = sub.add_parser(
         "heads",

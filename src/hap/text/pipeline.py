@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from ..metrics import count_macs, count_params
 from ..pipeline import paired_latency
-from ..plan import PruningPlan, Target, plan
+from ..planner import plan
+from ..planning import PruningPlan, Target
 from ..sensitivity import Sensitivity, sensitivity
 from ..surgery import prune
 from .data import TextData, TextLoader

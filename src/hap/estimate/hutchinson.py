@@ -20,102 +20,27 @@ per-example gradients under labels sampled from the model, no probe vector at al
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 from tqdm.auto import tqdm
 
-from ._reduce import UnitReducer
-from ._utils import call_model, eval_mode
-from .groups import Unit
-from .heads import eager_attention
+from .._hf import eager_attention
+from .._utils import call_model, check_loss, eval_mode, materialize_batches
+from ..units.base import Unit
+from .fisher import fisher_samples, functional
+from .reduce import UnitReducer
+from .stats import SampleStats
 
-__all__ = [
-    "TraceEstimate",
-    "estimate_traces",
-    "spearman",
-    "materialize_batches",
-    "call_model",
-    "eval_mode",
-]
+__all__ = ["TraceEstimate", "estimate_traces"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-
-
-# --------------------------------------------------------------------------------------------------
-# small utilities shared by the criteria
-
-
-def _functional(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return functional_call(model, dict(params), args=(), kwargs=dict(inputs), strict=False)
-    if isinstance(inputs, tuple | list):
-        return functional_call(model, dict(params), args=tuple(inputs), strict=False)
-    return functional_call(model, dict(params), args=(inputs,), strict=False)
-
-
-def materialize_batches(batches: Iterable[Any], max_batches: int | None) -> list[tuple[Any, Any]]:
-    """Take up to ``max_batches`` ``(inputs, targets)`` pairs, so the engine can revisit them.
-
-    Raises:
-        ValueError: The iterable is empty or yields something other than pairs.
-    """
-    out = []
-    for i, b in enumerate(islice(iter(batches), max_batches)):
-        if not isinstance(b, tuple | list) or len(b) != 2:
-            raise ValueError(
-                f"batch {i} is a {type(b).__name__}; batches must yield (inputs, targets) pairs"
-            )
-        out.append((b[0], b[1]))
-    if not out:
-        raise ValueError("batches is empty: give at least one (inputs, targets) batch")
-    return out
-
-
-def check_loss(loss: torch.Tensor, batch_index: int) -> None:
-    if loss.dim() != 0:
-        raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}; it must return a scalar")
-    if not torch.isfinite(loss).item():
-        raise RuntimeError(
-            f"the loss is {loss.item()} on batch {batch_index}: check the inputs for NaN/inf and that the "
-            "model's weights are finite"
-        )
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN if either side is constant."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.size < 2:
-        return float("nan")
-    ra = _rankdata(a)
-    rb = _rankdata(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
-
-
-def _rankdata(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    # average the ranks of ties so that constant runs do not look ordered
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=ranks)
-    return sums[inv] / counts[inv]
-
-
-# --------------------------------------------------------------------------------------------------
-# the estimate
 
 
 @dataclass
@@ -154,45 +79,6 @@ class TraceEstimate:
     backend: str
     history: list[tuple[int, float, float, float]] = field(default_factory=list)
     samples_matrix: np.ndarray | None = None
-
-
-class _Stats:
-    """Running record of per-sample per-unit estimates; NaN marks units a sample did not cover."""
-
-    def __init__(self, num_units: int) -> None:
-        self.rows: list[np.ndarray] = []
-        self.num_units = num_units
-
-    def add(self, row: np.ndarray) -> None:
-        self.rows.append(row)
-
-    def matrix(self) -> np.ndarray:
-        return np.stack(self.rows) if self.rows else np.full((0, self.num_units), np.nan)
-
-    def summary(self, weight: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
-        m = self.matrix()
-        count = np.sum(~np.isnan(m), axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.nanmean(m, axis=0) if m.shape[0] else np.full(self.num_units, np.nan)
-            var = np.nanvar(m, axis=0, ddof=1) if m.shape[0] > 1 else np.full(self.num_units, np.inf)
-            se = np.sqrt(var / np.maximum(count, 1))
-            rel = np.abs(se / mean)
-            rel = rel[np.isfinite(rel)]
-            med_rel = float(np.median(rel)) if rel.size else float("inf")
-        # Split halves per unit (each unit's own k-th sample, so partitioned probes split evenly too).
-        w = np.ones(self.num_units) if weight is None else weight
-        half_a = np.full(self.num_units, np.nan)
-        half_b = np.full(self.num_units, np.nan)
-        if m.shape[0] >= 2:
-            valid = ~np.isnan(m)
-            order = np.cumsum(valid, axis=0) - 1  # per-unit index of each sample
-            even = valid & (order % 2 == 0)
-            odd = valid & (order % 2 == 1)
-            with np.errstate(invalid="ignore"):
-                half_a = np.where(even, m, 0).sum(0) / np.maximum(even.sum(0), 1)
-                half_b = np.where(odd, m, 0).sum(0) / np.maximum(odd.sum(0), 1)
-        split = spearman(half_a * w, half_b * w) if m.shape[0] >= 2 else float("nan")
-        return mean, se, count, split, med_rel
 
 
 def _rademacher(shape: torch.Size, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -244,7 +130,7 @@ class _HVP:
             detached = {n: p.detach() for n, p in params.items()}
 
             def f(ps: dict[str, torch.Tensor]) -> torch.Tensor:
-                return loss_fn(_functional(model, ps, inputs), targets)
+                return loss_fn(functional(model, ps, inputs), targets)
 
             with torch.no_grad():
                 check_loss(f(detached), batch_index)
@@ -266,82 +152,6 @@ class _HVP:
             return jvp(self.grad_f, (self.primal,), (v,))[1]
 
         return vmap(one)(vs) if batched else one(vs)
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    logits = getattr(outputs, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(outputs, tuple | list) and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    raise ValueError("curvature='fisher' needs the model to output logits (a tensor or an object with .logits)")
-
-
-def _batched_keys(inputs: Mapping[str, Any], n: int) -> set[str]:
-    """Keyword inputs that carry one row per example (others, e.g. a scalar flag, are shared)."""
-    return {k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n}
-
-
-def per_example_grads(
-    model: nn.Module,
-    loss_fn: LossFn,
-    params: dict[str, torch.Tensor],
-    inputs: Any,
-    targets: Any,
-    chunk: int = 32,
-) -> Iterable[dict[str, torch.Tensor]]:
-    """Per-example gradients ``[B, *p.shape]`` of ``loss_fn`` (model in eval mode), in chunks.
-
-    ``vmap`` over ``grad`` gives all examples of a chunk in one vectorised pass; chunking bounds memory
-    (B copies of the unit parameters).
-    """
-    detached = {n: p.detach() for n, p in params.items()}
-    n = len(targets)
-    keys = _batched_keys(inputs, n) if isinstance(inputs, Mapping) else set()
-
-    def single(ps: dict[str, torch.Tensor], x: Any, y: Any) -> torch.Tensor:
-        if isinstance(x, Mapping):
-            xb = {k: (v.unsqueeze(0) if k in keys else v) for k, v in x.items()}
-        else:
-            xb = x.unsqueeze(0)
-        return loss_fn(_functional(model, ps, xb), y.unsqueeze(0))
-
-    in_x: Any = {k: (0 if k in keys else None) for k in inputs} if isinstance(inputs, Mapping) else 0
-    g = vmap(grad(single), in_dims=(None, in_x, 0))
-    vectorised = True
-    for s in range(0, n, chunk):
-        if isinstance(inputs, Mapping):
-            xs: Any = {k: (v[s : s + chunk] if k in keys else v) for k, v in inputs.items()}
-        else:
-            xs = inputs[s : s + chunk]
-        ys = targets[s : s + chunk]
-        if vectorised:
-            try:
-                yield g(detached, xs, ys)
-                continue
-            except (RuntimeError, NotImplementedError, TypeError, ValueError):
-                # Some models (Hugging Face attention-mask code, data-dependent control flow) cannot be
-                # traced by vmap: fall back to one backward pass per example, same result, slower.
-                vectorised = False
-        yield _looped_grads(model, loss_fn, params, xs, ys, keys)
-
-
-def _looped_grads(
-    model: nn.Module, loss_fn: LossFn, params: dict[str, torch.Tensor], xs: Any, ys: Any, keys: set[str]
-) -> dict[str, torch.Tensor]:
-    names = list(params)
-    rows: list[list[torch.Tensor]] = []
-    for i in range(len(ys)):
-        if isinstance(xs, Mapping):
-            xi: Any = {k: (v[i : i + 1] if k in keys else v) for k, v in xs.items()}
-        else:
-            xi = xs[i : i + 1]
-        loss = loss_fn(call_model(model, xi), ys[i : i + 1])
-        gs = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
-        rows.append([torch.zeros_like(params[k]) if g is None else g.detach() for k, g in zip(names, gs, strict=True)])
-    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(names)}
 
 
 def estimate_traces(
@@ -429,7 +239,7 @@ def estimate_traces(
     shapes = {n: p.shape for n, p in params.items()}
     reducer = UnitReducer(units, shapes, scope=scope)
     gen = torch.Generator().manual_seed(seed)
-    stats = _Stats(len(units))
+    stats = SampleStats(len(units))
     history: list[tuple[int, float, float, float]] = []
     start = time.perf_counter()
 
@@ -464,7 +274,7 @@ def estimate_traces(
             batch = data[b_i]
             visits += 1
             if curvature == "fisher":
-                new = _fisher_samples(model, loss_fn, params, batch, b_i, reducer, gen, max_samples - samples)
+                new = fisher_samples(model, loss_fn, params, batch, b_i, reducer, gen, max_samples - samples)
                 for row in new:
                     stats.add(row)
                 samples += len(new)
@@ -533,34 +343,3 @@ def estimate_traces(
         history=history,
         samples_matrix=stats.matrix() if keep_samples else None,
     )
-
-
-def _fisher_samples(
-    model: nn.Module,
-    loss_fn: LossFn,
-    params: dict[str, torch.Tensor],
-    batch: tuple[Any, Any],
-    batch_index: int,
-    reducer: UnitReducer,
-    gen: torch.Generator,
-    limit: int,
-) -> list[np.ndarray]:
-    """One row per example: ``sum_{i in u} g_i^2`` with ``g`` the gradient under a label drawn from the
-    model's own predictive distribution (its expectation is the Fisher block trace)."""
-    inputs, targets = batch
-    if isinstance(inputs, Mapping):
-        keys = _batched_keys(inputs, len(targets))
-        inputs = {k: (v[:limit] if k in keys else v) for k, v in inputs.items()}
-    else:
-        inputs = inputs[:limit]
-    with torch.no_grad():
-        outputs = call_model(model, inputs)
-        check_loss(loss_fn(outputs, targets[: len(_logits(outputs))]), batch_index)
-        logits = _logits(outputs)
-        probs = torch.softmax(logits.double(), dim=-1)
-        sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).reshape(probs.shape[:-1])
-    sampled = sampled.to(getattr(targets, "dtype", torch.long))
-    rows: list[np.ndarray] = []
-    for g in per_example_grads(model, loss_fn, params, inputs, sampled):
-        rows.extend(reducer({n: t * t for n, t in g.items()}, batched=True).numpy())
-    return rows

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .groups import Unit
+from ..units.base import Unit
 
 __all__ = ["UnitReducer"]
 

@@ -15,7 +15,7 @@ import hap.models as zoo
 from hap.implant import ImplantedConv, implant_params
 from hap.models.tiny import TinyConcatDepthwise
 from hap.models.vgg import VGG, VGG16_CONFIG
-from hap.plan import GroupPlan, PlanError, PruningPlan, Target
+from hap.planning import GroupPlan, PlanError, PruningPlan, Target
 
 from ._plan_helpers import example, randomize, scores  # noqa: F401
 

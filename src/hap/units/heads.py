@@ -20,6 +20,7 @@ every head cannot go through that reshape (``-1`` is ambiguous for an empty tens
 replaced by :class:`HeadlessAttention`, which returns what a zero-head attention computes: nothing,
 so the block adds only the output projection's bias.
 
+Michel et al.'s score lives in :mod:`hap.criteria.michel`, the eager-attention switch in :mod:`hap._hf`.
 Nothing here imports ``transformers``: the layouts are checked on ``nn.Linear`` shapes and attribute
 names, so the library works (and these functions raise clear errors) without it installed.
 """
@@ -27,27 +28,26 @@ names, so the library works (and these functions raise clear errors) without it 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from ._utils import call_model, eval_mode
-from .groups import ROLE_IN, ROLE_OUT, ParamSlice, Unit, UnsupportedLayerError
+from .._hf import eager_attention
+from .base import ROLE_IN, ROLE_OUT, ParamSlice, Unit, UnsupportedLayerError
 
 __all__ = [
     "AttentionLayout",
     "HeadlessAttention",
     "attention_layouts",
     "head_units",
-    "eager_attention",
     "head_gates",
     "mask_heads",
-    "michel_scores",
     "prune_heads",
+    "HeadFamily",
+    "by_name",
 ]
 
 # Attribute names a core may use for its head count / head size, in the order they are trusted.
@@ -232,49 +232,10 @@ def head_units(model: nn.Module) -> list[Unit]:
 
 
 # --------------------------------------------------------------------------------------------------
-# attention implementation
-
-
-def _hf_configs(model: nn.Module) -> list[Any]:
-    """Every distinct Hugging Face config reachable from the model's modules, sub-configs included."""
-    seen: dict[int, Any] = {}
-    todo = [getattr(m, "config", None) for m in model.modules()]
-    while todo:
-        cfg = todo.pop()
-        if cfg is None or id(cfg) in seen or not hasattr(cfg, "_attn_implementation_internal"):
-            continue
-        seen[id(cfg)] = cfg
-        for key in getattr(cfg, "sub_configs", None) or ():
-            todo.append(getattr(cfg, key, None))
-    return list(seen.values())
-
-
-@contextmanager
-def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` with transformers' eager (matmul + softmax) attention inside the block.
-
-    The fused kernels (``sdpa``, flash) have no double-backward on CPU ("derivative for
-    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), so Hessian-vector
-    products need eager attention. v5 modules look the implementation up in ``config._attn_implementation``
-    at every forward (and build the attention mask for it), so switching the config is enough. It is set
-    on every config found on the model's modules (a plain ``nn.Module`` wrapping a Hugging Face model
-    works) and restored on exit. A model without a Hugging Face config passes through unchanged.
-    """
-    saved = [(cfg, cfg._attn_implementation_internal) for cfg in _hf_configs(model)]
-    try:
-        for cfg, _ in saved:
-            cfg._attn_implementation_internal = "eager"
-        yield model
-    finally:
-        for cfg, old in saved:
-            cfg._attn_implementation_internal = old
-
-
-# --------------------------------------------------------------------------------------------------
 # gates
 
 
-def _by_name(layouts: Sequence[AttentionLayout]) -> dict[str, AttentionLayout]:
+def by_name(layouts: Sequence[AttentionLayout]) -> dict[str, AttentionLayout]:
     return {lay.name: lay for lay in layouts}
 
 
@@ -306,14 +267,14 @@ def head_gates(model: nn.Module, gates: Mapping[str, torch.Tensor] | None = None
         ValueError: ``gates`` names a module that is not attention, or a gate of the wrong length.
     """
     layouts = [lay for lay in attention_layouts(model) if lay.num_heads > 0]
-    by_name = _by_name(layouts)
+    lays = by_name(layouts)
     named = dict(model.named_modules())
     given = dict(gates or {})
     for name, g in given.items():
-        if name not in by_name:
+        if name not in lays:
             raise ValueError(f"gate for '{name}', which is not an attention module with heads")
-        if g.shape != (by_name[name].num_heads,):
-            raise ValueError(f"the gate of '{name}' has shape {tuple(g.shape)}, expected ({by_name[name].num_heads},)")
+        if g.shape != (lays[name].num_heads,):
+            raise ValueError(f"the gate of '{name}' has shape {tuple(g.shape)}, expected ({lays[name].num_heads},)")
     out: dict[str, torch.Tensor] = {}
     handles = []
     try:
@@ -347,7 +308,7 @@ def mask_heads(model: nn.Module, heads: Mapping[str, Iterable[int]]) -> Iterator
     Raises:
         ValueError: An unknown attention module or a head index out of range.
     """
-    layouts = _by_name([lay for lay in attention_layouts(model) if lay.num_heads > 0])
+    layouts = by_name([lay for lay in attention_layouts(model) if lay.num_heads > 0])
     checked = _check_heads(layouts, heads)
     named = dict(model.named_modules())
     gates = {}
@@ -358,71 +319,6 @@ def mask_heads(model: nn.Module, heads: Mapping[str, Iterable[int]]) -> Iterator
         gates[name] = g
     with head_gates(model, gates):
         yield model
-
-
-# --------------------------------------------------------------------------------------------------
-# Michel et al. 2019
-
-
-def michel_scores(
-    model: nn.Module,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
-    batches: Iterable[Any],
-    units: Sequence[Unit] | None = None,
-    *,
-    normalize: bool = True,
-    max_batches: int | None = None,
-) -> np.ndarray:
-    """Head importance of Michel et al. 2019, "Are Sixteen Heads Really Better than One?".
-
-    ``I_h = mean over batches of |dL/dxi_h|`` for a gate ``xi_h`` on every head, all gates at 1 (the
-    model unchanged), in eval mode, then divided by the L2 norm of its layer's importances, as the
-    original code does by default (``normalize=False`` keeps the raw values). The gradient is taken per
-    batch (as the original); with batches of one example it is the paper's per-example expectation.
-
-    Args:
-        model: A transformer with supported attention (see :func:`head_units`).
-        loss_fn: ``loss_fn(model(inputs), targets) -> scalar``.
-        batches: ``(inputs, targets)`` pairs; mapping inputs are passed as keyword arguments.
-        units: Head units to score (default: :func:`head_units` of ``model``), in the order returned.
-        normalize: Per-layer L2 normalisation.
-        max_batches: Use at most this many batches.
-
-    Returns:
-        One float64 score per unit; larger means more important.
-
-    Raises:
-        ValueError: Empty batches, or a unit that is not a head of this model.
-        RuntimeError: A non-finite loss.
-    """
-    from .hessian import check_loss, materialize_batches  # hessian may import this module
-
-    data = materialize_batches(batches, max_batches)
-    layouts = _by_name([lay for lay in attention_layouts(model) if lay.num_heads > 0])
-    unit_list = head_units(model) if units is None else list(units)
-    for u in unit_list:
-        if u.group not in layouts or not 0 <= u.index < layouts[u.group].num_heads:
-            raise ValueError(f"unit {u.name} is not an attention head of this model")
-    named = dict(model.named_modules())
-    gates = {}
-    for name, lay in layouts.items():
-        w = named[lay.output].weight
-        gates[name] = torch.ones(lay.num_heads, dtype=w.dtype, device=w.device, requires_grad=True)
-    acc = {name: torch.zeros(lay.num_heads, dtype=torch.float64) for name, lay in layouts.items()}
-    names = list(gates)
-    with eval_mode(model), head_gates(model, gates):
-        for b_i, (x, y) in enumerate(data):
-            loss = loss_fn(call_model(model, x), y)
-            check_loss(loss, b_i)
-            grads = torch.autograd.grad(loss, [gates[n] for n in names], allow_unused=True)
-            for n, g in zip(names, grads, strict=True):
-                if g is not None:
-                    acc[n] += g.detach().double().abs().cpu()
-    scores = {}
-    for n, a in acc.items():
-        a = a / len(data)
-        scores[n] = a / (a.norm() + 1e-20) if normalize else a
-    return np.array([float(scores[u.group][u.index]) for u in unit_list], dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,7 +390,7 @@ def prune_heads(model: nn.Module, heads_to_remove: Mapping[str, Iterable[int]]) 
         ValueError: An unknown attention module, an index out of range, or all heads of an ALBERT-style
             block.
     """
-    layouts = _by_name(attention_layouts(model))
+    layouts = by_name(attention_layouts(model))
     checked = _check_heads(layouts, heads_to_remove)
     named = dict(model.named_modules())
     for name, remove in checked.items():
@@ -528,3 +424,23 @@ def prune_heads(model: nn.Module, heads_to_remove: Mapping[str, Iterable[int]]) 
         headless.train(core.training)
         _set_module(model, lay.core, headless)
     return model
+
+
+class HeadFamily:
+    """Attention heads of Hugging Face-style encoders (see the module docstring) as a unit family."""
+
+    name = "heads"
+    kind = "head"
+
+    def discover(self, model: nn.Module, example_inputs: Any = None, exclude: Sequence[str] = ()) -> list[Unit]:
+        units = head_units(model)
+        if exclude:
+            units = [u for u in units if u.group not in set(exclude)]
+        return units
+
+    def apply(self, model: nn.Module, removed: Mapping[str, Sequence[int]], example_inputs: Any = None) -> None:
+        prune_heads(model, {g: list(ix) for g, ix in removed.items() if ix})
+
+    def estimation_context(self, model: nn.Module) -> AbstractContextManager[Any]:
+        # fused attention kernels have no second derivative on CPU: estimate with eager attention
+        return eager_attention(model)

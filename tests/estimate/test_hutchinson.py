@@ -8,12 +8,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hap._reduce import UnitReducer
-from hap.groups import channel_groups, flatten_units
-from hap.hessian import _HVP, estimate_traces, spearman
+from hap.estimate.hutchinson import _HVP, estimate_traces
+from hap.estimate.reduce import UnitReducer
+from hap.estimate.stats import spearman
+from hap.units.channels import channel_groups, flatten_units
 
-from ._exact import exact_block_traces, exact_fisher_traces, full_hessian, unit_masks, unit_params
-from .conftest import make_tiny
+from .._exact import exact_block_traces, exact_fisher_traces, full_hessian, unit_masks, unit_params
+from ..conftest import make_tiny
 
 
 def _units(model, x):
@@ -201,7 +202,7 @@ def test_bad_inputs():
 
 def test_looped_per_example_gradients_equal_vmap():
     """The fallback for models vmap cannot trace gives the same per-example gradients."""
-    from hap.hessian import _looped_grads, per_example_grads
+    from hap.estimate.fisher import _looped_grads, per_example_grads
 
     model, x, y = make_tiny("residual", n=5)
     model.eval()

@@ -11,16 +11,18 @@ type, and refuse any layer type we have not checked.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
-from torch_pruning.pruner import function as tpf
 
-from ._utils import eval_mode
+from .. import _tp
+from .._tp import tpf
+from .base import ROLE_IN, ROLE_OUT, ParamSlice, Unit, UnsupportedLayerError
 
 __all__ = [
     "ParamSlice",
@@ -29,74 +31,9 @@ __all__ = [
     "channel_groups",
     "flatten_units",
     "UnsupportedLayerError",
+    "ChannelFamily",
+    "remove_channels",
 ]
-
-# Roles say on which side of a layer a slice sits: "out" is the producer of the channel (its filter,
-# its BatchNorm entry), "in" is a consumer (the next layer's input columns). The reference HAP code
-# scored only the producer side; the "scope" option of the engine picks either.
-ROLE_OUT = "out"
-ROLE_IN = "in"
-
-
-class UnsupportedLayerError(ValueError):
-    """A layer in a dependency group whose parameter slicing we do not handle."""
-
-
-@dataclass(frozen=True)
-class ParamSlice:
-    """All entries of parameter ``param`` whose coordinate along ``dim`` is in ``indices``."""
-
-    param: str
-    dim: int
-    indices: tuple[int, ...]
-    role: str = ROLE_OUT
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"param": self.param, "dim": self.dim, "indices": list(self.indices), "role": self.role}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ParamSlice:
-        return cls(str(d["param"]), int(d["dim"]), tuple(int(i) for i in d["indices"]), str(d.get("role", ROLE_OUT)))
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One prunable structure: channel ``index`` of group ``group`` (or head ``index`` of a layer)."""
-
-    group: str
-    index: int
-    slices: tuple[ParamSlice, ...]
-    kind: str = "channel"
-
-    @property
-    def name(self) -> str:
-        return f"{self.group}[{self.index}]"
-
-    def scoped(self, scope: str) -> tuple[ParamSlice, ...]:
-        """Slices within ``scope``: ``"all"`` (everything removed with the unit) or ``"producer"``."""
-        if scope == "all":
-            return self.slices
-        if scope == "producer":
-            return tuple(s for s in self.slices if s.role == ROLE_OUT)
-        raise ValueError(f"unknown scope {scope!r}: use 'all' or 'producer'")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "group": self.group,
-            "index": self.index,
-            "kind": self.kind,
-            "slices": [s.to_dict() for s in self.slices],
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Unit:
-        return cls(
-            str(d["group"]),
-            int(d["index"]),
-            tuple(ParamSlice.from_dict(s) for s in d["slices"]),
-            str(d.get("kind", "channel")),
-        )
-
 
 @dataclass
 class ChannelGroup:
@@ -219,12 +156,6 @@ def _resolve_exclude(model: nn.Module, exclude: Sequence[str | nn.Module] | None
     return out
 
 
-def build_dependency_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
-    """Trace ``model`` once on ``example_inputs`` (a tensor, tuple or mapping of keyword tensors)."""
-    with eval_mode(model):
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-
-
 def channel_groups(
     model: nn.Module,
     example_inputs: Any,
@@ -248,32 +179,25 @@ def channel_groups(
     """
     name_of = {m: n for n, m in model.named_modules()}
     ignored = _resolve_exclude(model, exclude)
-    dg = build_dependency_graph(model, example_inputs)
+    dg = _tp.build_dependency_graph(model, example_inputs)
     groups: list[ChannelGroup] = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
-        items = list(group.items) if hasattr(group, "items") else list(group)
-        root_module = items[0][0].target.module
-        root_name = name_of.get(root_module, str(root_module))
+    for items in _tp.all_groups(dg, ignored):
+        root_name = name_of.get(items[0].module, str(items[0].module))
         per_unit: dict[int, dict[tuple[str, int, str], set[int]]] = {}
         producers: list[str] = []
         consumers: list[str] = []
         for item in items:
-            dep, idxs = item[0], item[1]
-            # Torch-Pruning stores, per item, the root channel each local index belongs to; after a
-            # flatten one channel owns several input features of the next Linear.
-            roots = getattr(item, "root_idxs", None) or [getattr(h, "root_idx", h) for h in idxs]
-            module = dep.target.module
+            module = item.module
             if module not in name_of:
                 continue  # parameter-free functional node created by the tracer
             mname = name_of[module]
-            is_out = dg.is_out_channel_pruning_fn(dep.handler)
             has_params = any(p.requires_grad for p in module.parameters(recurse=False))
             if has_params and isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
-                (producers if is_out else consumers).append(mname)
-            for h, root_h in zip(idxs, roots, strict=True):
-                local = int(getattr(h, "idx", h))
-                root = int(root_h)
-                for pname, dim, i, role in _slices_for(module, mname, dep.handler, local, is_out):
+                (producers if item.is_out else consumers).append(mname)
+            # item.roots: the root channel each local index belongs to; after a flatten one channel owns
+            # several input features of the next Linear
+            for local, root in zip(item.idxs, item.roots, strict=True):
+                for pname, dim, i, role in _slices_for(module, mname, item.handler, local, item.is_out):
                     per_unit.setdefault(root, {}).setdefault((pname, dim, role), set()).add(i)
         if not consumers and not include_output:
             continue  # nothing reads these channels: they are the model's outputs
@@ -291,3 +215,40 @@ def channel_groups(
             "layer, or all of them excluded)"
         )
     return groups
+
+
+def remove_channels(model: nn.Module, removed: Mapping[str, Sequence[int]], example_inputs: Any) -> Any:
+    """Remove channels ``{group root layer: [channel, ...]}`` from ``model`` in place, with every layer
+    coupled to them (BatchNorm entries, consumers' input columns, across adds, concats and flattens).
+
+    Returns:
+        The dependency graph, still valid for the pruned model (Torch-Pruning keeps it up to date), or
+        ``None`` when nothing was removed.
+    """
+    todo = {g: sorted(int(i) for i in ix) for g, ix in removed.items() if ix}
+    if not todo:
+        return None
+    named = dict(model.named_modules())
+    for g in todo:
+        if g not in named:
+            raise ValueError(f"the plan prunes layer '{g}' that the model does not have: plan again on this model")
+    dg = _tp.build_dependency_graph(model, example_inputs)
+    for g, idx in todo.items():
+        _tp.prune_out_channels(dg, named[g], idx)
+    return dg
+
+
+class ChannelFamily:
+    """Conv/Linear output channels with everything coupled to them (Torch-Pruning's dependency groups)."""
+
+    name = "channels"
+    kind = "channel"
+
+    def discover(self, model: nn.Module, example_inputs: Any, exclude: Sequence[str] = ()) -> list[Unit]:
+        return flatten_units(channel_groups(model, example_inputs, exclude=list(exclude)))
+
+    def apply(self, model: nn.Module, removed: Mapping[str, Sequence[int]], example_inputs: Any) -> None:
+        remove_channels(model, removed, example_inputs)
+
+    def estimation_context(self, model: nn.Module) -> AbstractContextManager[Any]:
+        return contextlib.nullcontext(model)

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 import hap
-from hap.groups import ROLE_IN, UnsupportedLayerError
+from hap.units import ROLE_IN, UnsupportedLayerError
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 
 def _zero(model: nn.Module, slices) -> nn.Module:
@@ -51,7 +51,7 @@ def test_consumer_slices_are_the_only_readers(tiny):
 
 
 def _name_of(model: nn.Module) -> str:
-    from .conftest import TINY
+    from ..conftest import TINY
 
     return next(k for k, v in TINY.items() if isinstance(model, v))
 

@@ -13,18 +13,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import hap
-from hap.groups import UnsupportedLayerError
-from hap.heads import (
-    HeadlessAttention,
-    attention_layouts,
-    eager_attention,
-    head_gates,
-    head_units,
-    mask_heads,
-    michel_scores,
-    prune_heads,
-)
-from hap.hessian import estimate_traces
+from hap._hf import eager_attention
+from hap.criteria.michel import michel_scores
+from hap.estimate import estimate_traces
+from hap.units import UnsupportedLayerError
+from hap.units.heads import HeadlessAttention, attention_layouts, head_gates, head_units, mask_heads, prune_heads
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,0 +1,307 @@
+"""``hap.plan``: which units go, which get a Neural Implant, to meet a target users think in.
+
+The face of :mod:`hap.planning` (pure data and allocation) tied to a model: it reads what the allocator
+needs from the model (which groups are excluded, which can carry implants — the one rule of
+:func:`hap.implant.implant_block_reason` — and their conv shapes), and hands the search a measuring
+function that builds each candidate on a copy with :func:`hap.surgery.apply_groups` and counts it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ._utils import call_model, eval_mode, first_line, model_device, model_signature, threads
+from .config import ALLOCATIONS, IMPLANT_KINDS, RANKINGS, PlanConfig
+from .implant import implant_block_reason, implant_unsupported_reason, lowrank_rank
+from .metrics import ModelCost, count_macs_disposable, count_params, measure
+from .planning.allocation import GroupInfo, candidates, layer_normalized, materialize
+from .planning.search import search
+from .planning.types import GroupPlan, PruningPlan, Target, input_spec, make_inputs, pruned_share
+from .sensitivity import Sensitivity
+from .surgery import apply_groups
+from .units import family_for_kind
+
+__all__ = ["plan"]
+
+
+def plan(
+    model: nn.Module,
+    sensitivity: Sensitivity,
+    target: Target,
+    *,
+    config: PlanConfig | None = None,
+    example_inputs: Any = None,
+    **options: Any,
+) -> PruningPlan:
+    """Choose the units to remove and to implant so that the measured pruned model meets ``target``.
+
+    Every option is a field of :class:`hap.config.PlanConfig` (its defaults are the only ones); pass a
+    ``config`` or the fields as keywords (keywords win).
+
+    Args:
+        model: The model ``sensitivity`` was computed on (not modified).
+        sensitivity: Per-unit scores from :func:`hap.sensitivity`; larger means more important.
+        target: E.g. ``Target(params=0.5)``: remove half of the parameters.
+        implant_fraction: Of each group's pruned channels, the most sensitive share (rounded) becomes an
+            implant instead of being removed. 0 disables implants.
+        implant: ``"pointwise"`` (the paper's 1x1 conv), ``"lowrank"`` (truncated-SVD factorisation) or
+            ``None``. Only single-producer k x k conv groups can carry implants (see :mod:`hap.surgery`).
+        implant_cost: For ``lowrank``: the implant may cost at most this fraction of the parameters of
+            the filters it replaces; that fixes its rank. Groups where rank 1 already costs more get a
+            pointwise implant.
+        max_layer_ratio: At most this fraction of any group is pruned (removed or implanted).
+        round_to: Make each group's remaining width (kept + implanted) a multiple of this, for hardware
+            friendly shapes (a group narrower than ``round_to`` is left whole).
+        allocation: ``"uniform"`` (default): the same ratio in every group, least sensitive units first
+            within it; ``"global"``: rank all units of all groups together (the paper's). Uniform is the
+            default because it won after fine-tuning in the vision study (docs/results.md): a global
+            ranking of per-unit scores ignores what a unit costs, and a residual-stream group (one channel
+            shared by every block of a stage) sums its score over all the layers it couples, so global
+            ranking keeps those whole and thins a few inner convolutions to a handful of channels, which
+            keeps fewer MACs off and fine-tunes no better. See ``rank_by`` for cost-aware global ranking.
+        exclude: Layers (names or modules) whose groups must not be touched.
+        example_inputs: One input batch; it fixes the input size MACs are counted for and traces the
+            graph. Default: the input shape the sensitivity was computed on (recorded in its settings),
+            else the model's ``input_shape`` attribute, else a guessed 1 x C x 32 x 32 for a conv net
+            (not for a ``flops`` target: MACs depend on the input size).
+        sign: How negative sensitivity estimates rank: ``"signed"`` (as estimated: most negative
+            first out), ``"clamp"`` (negatives are 0) or ``"abs"``.
+        rank_by: ``"score"`` (the paper's), ``"score_per_param"``: the score divided by the number of
+            weights the unit's removal deletes, so cheap-to-keep units are not removed for little gain, or
+            ``"layer_normalized"``: each group's scores divided by their L2 norm before the global ranking
+            (what Michel et al. do to head scores; it spreads the pruning across layers). The key matters
+            for ``allocation="global"``; under ``"uniform"`` it only orders groups at the same ratio.
+            Which ranks better is a question for the study (DESIGN.md section 1), hence an option.
+        tol: Largest accepted ``|achieved - target|`` (as fractions).
+
+    Returns:
+        The plan, with the achieved parameters and MACs measured on the pruned model.
+
+    Raises:
+        ValueError: Bad options, a sensitivity from another model, or a ``flops`` target without an
+            input size.
+        PlanError: The target is out of reach under the limits (the message gives the most that can be
+            removed) or cannot be met within ``tol`` because units are too coarse.
+    """
+    cfg = config or PlanConfig()
+    if "exclude" in options:
+        ex = options["exclude"]
+        options["exclude"] = () if ex is None else ((ex,) if isinstance(ex, str | nn.Module) else tuple(ex))
+    cfg = cfg.replace(**options)
+    if not isinstance(target, Target):
+        raise ValueError(f"target must be a hap.Target, e.g. Target(params=0.5); got {target!r}")
+    if cfg.implant is not None and cfg.implant not in IMPLANT_KINDS:
+        raise ValueError(f"implant must be 'pointwise', 'lowrank' or None, got {cfg.implant!r}")
+    if not 0.0 <= cfg.implant_fraction < 1.0:
+        raise ValueError(f"implant_fraction must be in [0, 1), got {cfg.implant_fraction}")
+    if not cfg.implant_cost > 0:
+        raise ValueError(f"implant_cost must be > 0, got {cfg.implant_cost}")
+    if not 0.0 < cfg.max_layer_ratio <= 1.0:
+        raise ValueError(f"max_layer_ratio must be in (0, 1], got {cfg.max_layer_ratio}")
+    if not isinstance(cfg.round_to, int) or cfg.round_to < 1:
+        raise ValueError(f"round_to must be an integer >= 1, got {cfg.round_to!r}")
+    if cfg.allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {cfg.allocation!r}")
+    if cfg.rank_by not in RANKINGS:
+        raise ValueError(f"rank_by must be one of {', '.join(RANKINGS)}, got {cfg.rank_by!r}")
+    if not 0.0 < cfg.tol < 0.5:
+        raise ValueError(f"tol must be in (0, 0.5), got {cfg.tol}")
+    sensitivity.ranking_scores(cfg.sign)  # validates ``sign`` before any work
+    sensitivity.check_model(model)
+    if example_inputs is None:
+        recorded = (sensitivity.settings.get("input_shape") or sensitivity.settings.get("input_spec")
+                    or getattr(model, "input_shape", None))
+        if target.kind == "flops" and not recorded:
+            raise ValueError(
+                "Target(flops=...) counts MACs for an input size: pass example_inputs= (e.g. torch.zeros(1, 3, 32, 32))"
+            )
+        example_inputs, _ = _default_inputs(model, sensitivity)
+        try:
+            with threads(1), torch.no_grad(), eval_mode(model):
+                call_model(model, example_inputs)
+        except Exception as e:
+            raise ValueError(
+                f"the model does not run on a guessed input of shape {tuple(getattr(example_inputs, 'shape', ()))} "
+                f"({type(e).__name__}: {first_line(e)}): "
+                "pass example_inputs= (one batch of real inputs)"
+            ) from e
+    spec = input_spec(example_inputs)
+    inputs = make_inputs(spec, device=model_device(model))
+    # The search runs many batch-1 forward passes; with several threads on a busy machine their
+    # synchronisation costs more than the arithmetic (10x measured on 2 shared cores), so use one.
+    with threads(1):
+        return _plan(model, sensitivity, target, inputs, spec, cfg)
+
+
+def _default_inputs(model: nn.Module, sens: Sensitivity) -> tuple[Any, str]:
+    """Example inputs when the caller gives none, and where they came from (for the error messages)."""
+    if sens.settings.get("input_spec"):  # keyword inputs recorded by hap.sensitivity (text models)
+        return make_inputs(sens.settings["input_spec"], device=model_device(model)), "recorded"
+    shape = sens.settings.get("input_shape") or getattr(model, "input_shape", None)
+    first = next(model.parameters(), None)
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    if shape:
+        return torch.zeros(1, *[int(s) for s in shape], dtype=dtype, device=model_device(model)), "recorded"
+    for m in model.modules():
+        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            nd = len(m.kernel_size)
+            p = m.weight
+            return torch.zeros(1, m.in_channels, *([32] * nd), dtype=p.dtype, device=p.device), "guessed"
+        if isinstance(m, nn.Linear):
+            return torch.zeros(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device), "guessed"
+    raise ValueError("cannot guess the model's input: pass example_inputs= (one batch of inputs)")
+
+
+def _plan(model: nn.Module, sens: Sensitivity, target: Target, inputs: Any, spec: dict[str, Any],
+          cfg: PlanConfig) -> PruningPlan:
+    implant = cfg.implant if cfg.implant_fraction > 0 else None
+    for kind in {u.unit.kind for u in sens.units}:
+        family_for_kind(kind)  # an unknown kind is an error, never a silent drop in surgery
+    scores = sens.ranking_scores(cfg.sign)
+    group_of = [u.group for u in sens.units]
+    if cfg.rank_by == "score_per_param":
+        scores = scores / np.maximum(_unit_weights(model, sens), 1)
+    elif cfg.rank_by == "layer_normalized":
+        scores = layer_normalized(group_of, scores)
+    excluded = _excluded_modules(model, cfg.exclude)
+    infos = _group_infos(model, sens, excluded, implant)
+    cands, _ = candidates([(u.group, u.index) for u in sens.units], scores, infos, allocation=cfg.allocation,
+                          max_layer_ratio=cfg.max_layer_ratio)
+    count_kind = {"channels": "channel", "heads": "head"}.get(target.kind)
+    if count_kind and not any(g.info.kind == count_kind for g in cands.groups):
+        raise ValueError(
+            f"Target({target.kind}=...) needs {count_kind} units, but the sensitivity has none: compute it with "
+            f"units={'channels' if count_kind == 'channel' else 'heads'!r} or use Target(params=...)"
+        )
+    base = measure(model, inputs)
+    plans: dict[int, list[GroupPlan]] = {0: []}
+    fracs: dict[int, float] = {0: 0.0}
+    built: dict[int, tuple[ModelCost, str]] = {}
+
+    def group_plans(s: int) -> list[GroupPlan]:
+        if s not in plans:
+            plans[s] = materialize(cands, cands.counts_at(s), implant_fraction=cfg.implant_fraction,
+                                   implant_cost=cfg.implant_cost, round_to=cfg.round_to, lowrank_rank=lowrank_rank)
+        return plans[s]
+
+    def build(s: int, macs: bool = True) -> tuple[ModelCost, str]:
+        """Prune a copy as step ``s`` says and measure it (MACs = -1 when not asked for)."""
+        if s not in built or (macs and built[s][0].macs < 0):
+            pruned = copy.deepcopy(model)
+            apply_groups(pruned, group_plans(s), inputs)
+            n_macs = count_macs_disposable(pruned, inputs) if macs else -1
+            built[s] = (ModelCost(count_params(pruned), n_macs), model_signature(pruned))
+        return built[s]
+
+    def fraction(s: int) -> float:
+        if s not in fracs:
+            if count_kind:
+                fracs[s] = pruned_share(group_plans(s), count_kind)
+            else:
+                cost = build(s, macs=target.kind == "flops")[0]
+                fracs[s] = 1.0 - (cost.params / base.params if target.kind == "params"
+                                  else cost.macs / max(1, base.macs))
+        return fracs[s]
+
+    best = search(fraction, cands.n_steps, target, cfg.tol, cands.limits_text(cfg.max_layer_ratio))
+    cost, sig = build(best)
+    return PruningPlan(
+        target=target,
+        groups=group_plans(best),
+        model_signature=sens.model_signature,
+        sensitivity_digest=sens.digest(),
+        method=sens.method,
+        allocation=cfg.allocation,
+        implant=implant,
+        implant_fraction=float(cfg.implant_fraction if implant else 0.0),
+        inputs=spec,
+        base=base.to_dict(),
+        achieved=cost.to_dict(),
+        pruned_signature=sig,
+        settings={
+            "max_layer_ratio": cfg.max_layer_ratio,
+            "round_to": cfg.round_to,
+            "sign": cfg.sign,
+            "rank_by": cfg.rank_by,
+            "tol": cfg.tol,
+            "implant_cost": cfg.implant_cost,
+            "exclude": sorted(excluded),
+        },
+    )
+
+
+def _module_of(param: str) -> str:
+    return param.rpartition(".")[0]
+
+
+def _group_infos(model: nn.Module, sens: Sensitivity, excluded: set[str], implant: str | None) -> dict[str, GroupInfo]:
+    """Per group: its kind, whether an excluded layer freezes it, and whether (and how) it can be implanted."""
+    named = dict(model.named_modules())
+    by_group = sens.by_group()
+    infos: dict[str, GroupInfo] = {}
+    for name, us in by_group.items():
+        if name not in named:
+            raise ValueError(f"the sensitivity names layer '{name}' that the model lacks: recompute it on this model")
+        kind = us[0].unit.kind
+        touched = {_module_of(s.param) for u in us for s in u.slices}
+        info = GroupInfo(kind=kind, frozen=", ".join(sorted(touched & excluded)))
+        if implant is not None and kind == "channel":  # heads are removed outright: no cheaper head to implant
+            root = named[name]
+            why = implant_unsupported_reason(root, implant)
+            if why is not None:
+                why = f"'{name}': {why}"
+            else:
+                members = {(_module_of(s.param), s.role) for u in us for s in u.slices}
+                why = implant_block_reason(name, [(m, named.get(m), role) for m, role in sorted(members)])
+            if why is None:
+                info.implant = implant
+                info.kernel_numel = math.prod(root.kernel_size)
+                info.in_channels = root.in_channels
+                info.pointwise_ok = implant_unsupported_reason(root, "pointwise") is None
+            else:
+                info.implant_note = why
+        infos[name] = info
+    # which channels of which group feed each implantable root (its input width after pruning)
+    gindex = {n: i for i, n in enumerate(by_group)}
+    roots = {f"{n}.weight": n for n, info in infos.items() if info.implant is not None}
+    if roots:
+        for u in sens.units:
+            for s in u.slices:
+                g = roots.get(s.param)
+                if g is not None and s.role == "in" and s.dim == 1:
+                    key = (gindex[u.group], u.index)
+                    infos[g].inputs_from[key] = infos[g].inputs_from.get(key, 0) + len(s.indices)
+    return infos
+
+
+def _unit_weights(model: nn.Module, sens: Sensitivity) -> np.ndarray:
+    """Weights each unit's removal deletes (all its slices; an element on two slices counted twice)."""
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    out = np.zeros(len(sens.units))
+    for i, u in enumerate(sens.units):
+        for s in u.slices:
+            shape = shapes[s.param]
+            out[i] += len(s.indices) * math.prod(shape) / shape[s.dim]
+    return out
+
+
+def _excluded_modules(model: nn.Module, exclude: Sequence[str | nn.Module]) -> set[str]:
+    names = {m: n for n, m in model.named_modules()}
+    out: set[str] = set()
+    for e in exclude or ():
+        if isinstance(e, nn.Module):
+            if e not in names:
+                raise ValueError(f"exclude holds a {type(e).__name__} that is not part of the model")
+            out.add(names[e])
+        elif isinstance(e, str) and e in dict(model.named_modules()):
+            out.add(e)
+        else:
+            raise ValueError(f"exclude names a layer {e!r} that the model does not have")
+    return out

@@ -1,0 +1,51 @@
+"""Unit families: what can be pruned, found in a model and removed physically.
+
+``channels`` (Torch-Pruning dependency groups of Conv/Linear layers) and ``heads`` (attention heads of
+Hugging Face-style encoders) are registered here; a new family implements :class:`UnitFamily` and calls
+:func:`register_family` — nothing else in hap changes (the planner and surgery dispatch on the kind).
+"""
+
+from .base import (
+    FAMILIES,
+    ROLE_IN,
+    ROLE_OUT,
+    ParamSlice,
+    Unit,
+    UnitFamily,
+    UnsupportedLayerError,
+    families,
+    family_for_kind,
+    get_family,
+    register_family,
+    unregister_family,
+)
+from .channels import ChannelFamily, ChannelGroup, channel_groups, flatten_units, remove_channels
+from .heads import HeadFamily, attention_layouts, head_units, mask_heads, prune_heads
+
+register_family(ChannelFamily())
+register_family(HeadFamily())
+
+__all__ = [
+    "FAMILIES",
+    "ROLE_IN",
+    "ROLE_OUT",
+    "ParamSlice",
+    "Unit",
+    "UnitFamily",
+    "UnsupportedLayerError",
+    "families",
+    "family_for_kind",
+    "get_family",
+    "register_family",
+    "unregister_family",
+    "ChannelFamily",
+    "ChannelGroup",
+    "channel_groups",
+    "flatten_units",
+    "remove_channels",
+    "HeadFamily",
+    "attention_layouts",
+    "head_units",
+    "mask_heads",
+    "prune_heads",
+]
