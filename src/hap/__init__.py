@@ -23,6 +23,7 @@ from .io import load, save
 from .metrics import ModelCost, count_macs, count_params, latency, measure
 from .planner import plan
 from .planning import GroupPlan, PlanError, PruningPlan, Target
+from .repair import RepairReport, repair
 from .sensitivity import Sensitivity, UnitSensitivity, sensitivity
 from .surgery import prune
 from .units import (
@@ -81,6 +82,8 @@ __all__ = [
     "Target",
     "plan",
     "prune",
+    "repair",
+    "RepairReport",
 ]
 
 __version__ = "0.1.0"

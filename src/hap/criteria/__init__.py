@@ -2,7 +2,8 @@
 """Criteria: every way of scoring units, registered once (:func:`register_criterion`).
 
 Registered here: ``hap`` (and ``hap-fisher``, ``hap-hessian``), ``l1`` (alias ``magnitude``), ``l2``,
-``taylor``, ``obd``, ``michel`` (heads), ``random``. A comparison between them changes only the score:
+``taylor``, ``obd``, ``michel`` (heads), ``random``, and the compensation-aware ``obs`` and
+``obs-greedy``. A comparison between them changes only the score:
 units, plan, surgery and fine-tune are shared.
 """
 
@@ -11,5 +12,6 @@ from . import hap  # noqa: F401
 from . import magnitude  # noqa: F401
 from . import gradient  # noqa: F401
 from . import michel  # noqa: F401
+from . import obs  # noqa: F401
 
 __all__ = ["REGISTRY", "Criterion", "CriterionResult", "ScoreContext", "get", "names", "register_criterion"]
