@@ -1,6 +1,6 @@
 """Shared by the benchmark scripts: the dense Fashion-MNIST ResNet they all start from.
 
-``dense_resnet`` trains (or resumes training of) the model with :func:`hap.finetune.train` and caches it
+``dense_resnet`` trains (or resumes training of) the model with :func:`hap.train.train` and caches it
 under ``benchmarks/out/``, so every benchmark is rerunnable from nothing with one command.
 """
 
@@ -20,7 +20,7 @@ import torch
 import hap.data
 import hap.models
 from hap._utils import atomic_write_text
-from hap.finetune import TrainConfig, load_weights, train
+from hap.train import TrainConfig, load_weights, train
 
 OUT = Path(__file__).resolve().parent / "out"
 

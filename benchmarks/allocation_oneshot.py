@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hap  # noqa: E402
 from _common import OUT, dense_resnet, machine  # noqa: E402
 from hap._utils import atomic_write_text  # noqa: E402
-from hap.finetune import recalibrate_bn  # noqa: E402
-from hap.pipeline import evaluate_model  # noqa: E402
+from hap.train import VisionTask, recalibrate_bn  # noqa: E402
+
+evaluate_model = VisionTask().accuracy
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "allocation.md"
 SENS = OUT / "vision_study" / "sens"

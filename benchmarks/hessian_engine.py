@@ -38,7 +38,7 @@ from _common import OUT, dense_resnet, machine  # noqa: E402
 from hap.estimate.hutchinson import _HVP, _rademacher, estimate_traces  # noqa: E402
 from hap.estimate.reduce import UnitReducer  # noqa: E402
 from hap.estimate.stats import spearman  # noqa: E402
-from hap.finetune import load_weights  # noqa: E402
+from hap.train import load_weights  # noqa: E402
 
 VARIANTS = {
     "global (1 vector/product)": dict(probe="global", vectors_per_product=1),

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hap  # noqa: E402
 import hap.models  # noqa: E402
 from _common import machine  # noqa: E402
-from hap.finetune import pick_memory_format  # noqa: E402
+from hap.train import pick_memory_format  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "memory_format.md"
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
 One SGD step (forward, backward, update) timed in each layout, median of {a.rounds} alternating rounds of
 {a.steps} steps; "NCHW / NHWC" above 1.00x means channels_last is faster. "auto picks" is what
-`hap.finetune.pick_memory_format` (the `memory_format="auto"` default of `TrainConfig` and of the CLI's
+`hap.train.pick_memory_format` (the `memory_format="auto"` default of `TrainConfig` and of the CLI's
 `--memory-format`) chose from its own short probe on the same batch; "auto right?" is yes when it chose
 the faster layout or the two are within 5%. It was right in {right} of {len(CASES)} cases.
 

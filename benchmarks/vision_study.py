@@ -38,19 +38,24 @@ import torch_pruning as tp  # noqa: E402
 import hap  # noqa: E402
 import hap.models  # noqa: E402
 from _common import OUT, dense_resnet, machine, replace_marked_block  # noqa: E402
-from hap.finetune import TrainConfig, recalibrate_bn, train  # noqa: E402
+from hap.config import PlanConfig, SensitivityConfig  # noqa: E402
 from hap.metrics import count_macs, count_params  # noqa: E402
-from hap.pipeline import PruneConfig, evaluate_model, paired_latency, prune_and_finetune  # noqa: E402
+from hap.pipeline import RunConfig, paired_latency, run  # noqa: E402
+from hap.train import TrainConfig, VisionTask, recalibrate_bn, train  # noqa: E402
+
+evaluate_model = VisionTask().accuracy
 
 STUDY = OUT / "vision_study"
 SENS = OUT / "vision_study" / "sens"  # shared by every budget: a sensitivity does not depend on the fine-tune
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 
+# row name -> criterion (and implant); the "hap" rows are the paper's Hutchinson-Hessian HAP (criterion
+# "hap-hessian"; "hap" itself now means curvature auto = Fisher), their sensitivities cached as hap_s*.json
 OURS = {
-    "hap": dict(method="hap"),
-    "hap+pointwise": dict(method="hap", implant="pointwise"),
-    "hap+lowrank": dict(method="hap", implant="lowrank"),
-    "hap-fisher": dict(method="hap", curvature="fisher"),
+    "hap": dict(method="hap-hessian"),
+    "hap+pointwise": dict(method="hap-hessian", implant="pointwise"),
+    "hap+lowrank": dict(method="hap-hessian", implant="lowrank"),
+    "hap-fisher": dict(method="hap-fisher"),
     "l1": dict(method="l1"),
     "taylor": dict(method="taylor"),
     "obd": dict(method="obd"),
@@ -90,26 +95,33 @@ def _budget(args, seed) -> TrainConfig:
     return TrainConfig(epochs=args.ft_epochs, lr=args.ft_lr, seed=seed, max_steps_per_epoch=args.ft_steps)
 
 
-def _sens_cache(model, data, method, seed, args, curvature="hessian"):
+SENS_FILE = {"hap-hessian": "hap"}  # criterion -> cache file stem (the committed files' names)
+
+
+def _sens_config(method, args):
+    return SensitivityConfig(method=method, max_samples=args.max_samples, max_batches=8)
+
+
+def _sens_cache(model, data, method, seed, args):
     """One sensitivity per (criterion, seed), shared by every target and allocation."""
-    tag = method if curvature == "hessian" else f"{method}-{curvature}"
-    path = SENS / f"{tag}_s{seed}.json"
+    path = SENS / f"{SENS_FILE.get(method, method)}_s{seed}.json"
     if path.is_file():
         return hap.Sensitivity.load(path)
-    gen = torch.Generator().manual_seed(seed)
-    loader = data.loader("train", 128, shuffle=True, generator=gen)
-    sens = hap.sensitivity(model, F.cross_entropy, loader, method=method, max_samples=args.max_samples,
-                           max_batches=8, seed=seed, curvature=curvature, progress=not args.quiet)
+    loader = VisionTask().sensitivity_batches(data, 128, 8, seed)
+    sens = hap.sensitivity(model, F.cross_entropy, loader, config=_sens_config(method, args).replace(seed=seed),
+                           progress=not args.quiet)
     sens.save(path)
     return sens
 
 
 def run_ours(model, data, name, target, alloc, seed, args):
     spec = OURS[name]
-    sens = _sens_cache(model, data, spec["method"], seed, args, spec.get("curvature", "hessian"))
-    cfg = PruneConfig(method=spec["method"], target={"params": target}, allocation=alloc,
-                      implant=spec.get("implant"), implant_fraction=0.1, seed=seed, finetune=_budget(args, seed))
-    _, plan, _, m = prune_and_finetune(model, data, cfg, sens=sens, progress=not args.quiet)
+    sens = _sens_cache(model, data, spec["method"], seed, args)
+    cfg = RunConfig(target={"params": target}, sensitivity=_sens_config(spec["method"], args),
+                    plan=PlanConfig(implant=spec.get("implant"), implant_fraction=0.1, allocation=alloc),
+                    finetune=_budget(args, seed), seed=seed)
+    _, plan, _, m = run(model, VisionTask(), data, cfg, sens=sens, dense_test_acc=getattr(args, "dense_test_acc", None),
+                        progress=not args.quiet)
     m["sens_wall_s"] = sens.wall_time_s
     m["sens_samples"] = sens.samples
     m["sens_split_half"] = sens.split_half
@@ -310,6 +322,7 @@ def main() -> None:
     model, data, summary = dense_resnet("resnet20", epochs=args.dense_epochs, progress=not args.quiet)
     model.eval()
     dense_test = evaluate_model(model, data, "test")
+    args.dense_test_acc = dense_test
     ours = [m for m in args.methods if m in OURS]
     theirs = [m for m in args.methods if m in TP_ROWS]
     grid = run_grid(args.targets, args.seeds, ours + theirs, args.allocations)

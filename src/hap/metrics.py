@@ -24,7 +24,7 @@ from . import _tp
 from ._utils import call_model, eval_mode
 
 __all__ = ["ModelCost", "Latency", "count_params", "count_macs", "count_macs_disposable", "measure", "latency",
-           "accuracy"]
+           "evaluate", "accuracy", "logits_of", "classification_loss"]
 
 
 @dataclass(frozen=True)
@@ -155,22 +155,45 @@ def latency(
     )
 
 
-def accuracy(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]]) -> float:
-    """Top-1 accuracy of ``model`` (logits as output, or an object with ``.logits``) over ``batches``.
+def evaluate(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]]) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of a classifier over ``(inputs, targets)`` batches.
+
+    The one evaluation of the library: the model's output may be logits or an object with ``.logits``
+    (Hugging Face), inputs a tensor or a mapping of keyword tensors (:func:`hap._utils.call_model`).
+    The model runs in eval mode without autograd; every module's mode is restored after.
+
+    Returns:
+        ``{"acc": top-1, "loss": mean cross-entropy, "n": examples}``.
 
     Raises:
         ValueError: ``batches`` is empty.
     """
     correct = total = 0
+    loss = 0.0
     with eval_mode(model), torch.no_grad():
         for inputs, targets in batches:
-            out = call_model(model, inputs)
-            logits = getattr(out, "logits", out)
+            logits = logits_of(call_model(model, inputs))
+            loss += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             correct += int((logits.argmax(-1) == targets).sum())
             total += int(targets.numel())
     if total == 0:
         raise ValueError("batches is empty: accuracy needs at least one (inputs, targets) batch")
-    return correct / total
+    return {"acc": correct / total, "loss": loss / total, "n": total}
+
+
+def accuracy(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]]) -> float:
+    """Top-1 accuracy of ``model`` over ``batches`` (see :func:`evaluate`)."""
+    return float(evaluate(model, batches)["acc"])
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """A classifier's logits: the output itself, or its ``.logits`` (Hugging Face outputs)."""
+    return getattr(out, "logits", out)
+
+
+def classification_loss(out: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a classifier's output (logits, or an object with ``.logits``)."""
+    return torch.nn.functional.cross_entropy(logits_of(out), targets)
 
 
 def _batch_size(example_inputs: Any) -> int:

@@ -1,65 +1,115 @@
-"""The vision pipeline as one function: sensitivity -> plan -> surgery -> BN re-estimate -> fine-tune.
+"""The only orchestration: sensitivity -> plan -> surgery -> (repair) -> one-shot metrics -> fine-tune -> metrics.
 
-The CLI's ``hap prune`` and ``benchmarks/vision_study.py`` both call :func:`prune_and_finetune`, so every
-row of a comparison runs the same code and only the criterion (or the allocation) changes. Accuracy is
-measured three times: right after surgery with BatchNorm statistics re-estimated (the purest test of a
-criterion: without re-estimation every criterion collapses and the comparison says nothing), after
-fine-tuning on the validation split (which selects the epoch), and on the test split (reported only).
+``hap prune`` (``--units channels`` or ``heads``), ``hap heads``, ``benchmarks/vision_study.py`` and
+``benchmarks/heads_study.py`` all call :func:`run`, so a row of a study is exactly what a user gets from
+the command, and criteria differ only in their scores. A model family differs only by its task
+(:class:`hap.train.VisionTask`, :class:`hap.train.TextTask`: batches, optimiser, what a pruned model needs
+before it is measured) and its data.
+
+Accuracy is measured right after surgery (vision: with BatchNorm statistics re-estimated, without which
+every criterion collapses and the comparison says nothing), then after fine-tuning on the validation
+split (which selects the weights) and on the test split (reported only).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .finetune import TrainConfig, evaluate, recalibrate_bn, train
-from .metrics import count_macs, count_params, latency
-from .planner import plan
+from .config import Config, PlanConfig, SensitivityConfig
+from .metrics import classification_loss, count_macs, count_params, latency
+from .planner import plan as make_plan
 from .planning import PruningPlan, Target
 from .sensitivity import Sensitivity, sensitivity
 from .surgery import prune
+from .train import Task, TrainConfig, VisionTask, train
 
-__all__ = ["PruneConfig", "prune_and_finetune", "evaluate_model", "paired_latency"]
+__all__ = ["RunConfig", "run", "score_units", "paired_latency", "UNIT_DEFAULTS"]
 
 
 @dataclass
-class PruneConfig:
-    """Everything that defines one pruning run (saved as the run's config, so it can be rerun)."""
+class RunConfig(Config):
+    """Everything that defines one pruning run; a run directory's ``config.json`` is its ``to_dict()``.
 
-    method: str = "hap"
+    Attributes:
+        units: The unit family pruned: ``"channels"`` (CNNs) or ``"heads"`` (attention heads).
+        target: One of ``{"params"|"flops"|"channels"|"heads": fraction removed}`` (:class:`hap.Target`).
+        sensitivity: How units are scored (criterion = ``sensitivity.method``); its ``units`` and ``seed``
+            are set from this config's.
+        sens_batch_size: Examples per sensitivity batch (``sensitivity.max_batches`` batches are drawn).
+        plan: How scores become a plan (``implant=None``: no implants).
+        bn_batches: Vision: training batches of 128 used to re-estimate BatchNorm statistics after surgery.
+        repair: Post-surgery compensation (``hap.repair``), between surgery and fine-tune; ``None``: off.
+        repair_batches: Calibration batches (of ``sens_batch_size``) given to the repair.
+        finetune: Training budget after pruning (its ``seed`` is set from this config's).
+        dense: Training before pruning (the CLI's; e.g. a new classification head); ``None``: the
+            command's default (text: one epoch when the head is new, else none).
+        max_length: Text: longest token sequence (scoring, training, evaluation, latency).
+        latency_batch: Examples per batch of the CPU latency comparison.
+        latency_rounds, latency_repeats: Alternating rounds and timed runs per round of that comparison.
+        seed: Seeds the sensitivity, the fine-tune and every data order.
+        model, checkpoint, data, data_options: Where the CLI takes the model and the data from
+            (``run`` itself is given the objects); ``hap prune --config`` reads them back.
+    """
+
+    units: str = "channels"
     target: dict[str, float] = field(default_factory=lambda: {"params": 0.5})
-    allocation: str = "uniform"
-    implant: str | None = None
-    implant_fraction: float = 0.1
-    max_layer_ratio: float = 0.95
-    round_to: int = 1
-    sign: str = "signed"
-    rank_by: str = "score"
-    scope: str = "all"
-    curvature: str = "auto"
-    max_samples: int | None = None
-    sens_batches: int = 8
+    sensitivity: SensitivityConfig = field(default_factory=lambda: SensitivityConfig(max_batches=8))
     sens_batch_size: int = 128
+    plan: PlanConfig = field(default_factory=lambda: PlanConfig(implant=None))
     bn_batches: int = 40
-    seed: int = 0
+    repair: str | None = None
+    repair_batches: int = 8
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.01))
+    dense: TrainConfig | None = None
+    max_length: int = 64
+    latency_batch: int = 64
+    latency_rounds: int = 7
+    latency_repeats: int = 5
+    seed: int = 0
+    model: str | None = None
+    checkpoint: str | None = None
+    data: str | None = None
+    data_options: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @classmethod
+    def for_units(cls, units: str, **changes: Any) -> RunConfig:
+        """The defaults of a unit family (:data:`UNIT_DEFAULTS`) with ``changes`` applied."""
+        if units not in UNIT_DEFAULTS:
+            raise ValueError(f"unknown units {units!r}; choose one of {', '.join(UNIT_DEFAULTS)}")
+        return UNIT_DEFAULTS[units]().replace(**changes)
+
+    @property
+    def method(self) -> str:
+        return self.sensitivity.method
 
 
-def evaluate_model(model: nn.Module, data: Any, split: str) -> float:
-    return float(evaluate(model, data.loader(split, 512))["acc"])
+def _heads_defaults() -> RunConfig:
+    """Heads: the best HAP row of the heads study (docs/results.md): Fisher traces ranked layer-normalised."""
+    return RunConfig(
+        units="heads", target={"heads": 0.5},
+        sensitivity=SensitivityConfig(units="heads", method="hap-fisher", max_samples=128, max_batches=16),
+        sens_batch_size=32,
+        plan=PlanConfig(implant=None, allocation="global", rank_by="layer_normalized"),
+        finetune=TrainConfig(steps=100, lr=5e-5, batch_size=16, warmup=0.0),
+        dense=TrainConfig(lr=1e-4, batch_size=32),  # epochs None: one if the classification head is new, else none
+        latency_batch=8, latency_rounds=5, latency_repeats=3, model="minilm", data="tweets",
+    )
 
 
-def paired_latency(base: nn.Module, small: nn.Module, batch: torch.Tensor, rounds: int = 7,
+UNIT_DEFAULTS = {
+    "channels": lambda: RunConfig(model="resnet20", data="fashion-mnist"),
+    "heads": _heads_defaults,
+}
+
+
+def paired_latency(base: nn.Module, small: nn.Module, batch: Any, rounds: int = 7,
                    repeats: int = 5) -> dict[str, float]:
     """CPU latency of two models measured in alternation, one thread, and the median of per-round ratios.
 
@@ -77,63 +127,116 @@ def paired_latency(base: nn.Module, small: nn.Module, batch: torch.Tensor, round
             "speedup": float(np.median(ratios))}
 
 
-def _example(data: Any) -> torch.Tensor:
-    return torch.zeros(1, data.in_channels, *data.image_size)
+def score_units(model: nn.Module, task: Task, data: Any, cfg: RunConfig, progress: bool = True) -> Sensitivity:
+    """The sensitivity stage alone: ``cfg.sensitivity`` on the task's scoring batches."""
+    scfg = cfg.sensitivity.replace(units=cfg.units, seed=cfg.seed)
+    batches = task.sensitivity_batches(data, cfg.sens_batch_size, scfg.max_batches, cfg.seed)
+    sens = sensitivity(model, classification_loss, batches, config=scfg, progress=progress)
+    sens.settings.update(split=task.sensitivity_split)
+    if hasattr(batches, "texts"):
+        sens.settings.update(examples=len(batches.texts), max_length=getattr(task, "max_length", None))
+    return sens
 
 
-def prune_and_finetune(
+def _repair(small: nn.Module, model: nn.Module, task: Task, data: Any, cfg: RunConfig, p: PruningPlan) -> None:
+    """The repair stage (off unless ``cfg.repair``): hap.repair refits the kept weights after surgery."""
+    if importlib.util.find_spec("hap.repair") is None:
+        raise ValueError(f"repair={cfg.repair!r} asked for, but this hap has no hap.repair module")
+    repair_mod = importlib.import_module("hap.repair")
+    batches = list(task.sensitivity_batches(data, cfg.sens_batch_size, cfg.repair_batches, cfg.seed + 1))
+    repair_mod.repair(small, model, batches[: cfg.repair_batches], plan=p)
+
+
+def run(
     model: nn.Module,
+    task: Task | None,
     data: Any,
-    cfg: PruneConfig,
+    cfg: RunConfig | None = None,
     *,
     sens: Sensitivity | None = None,
+    dense_test_acc: float | None = None,
     out_dir: Any = None,
     resume: bool = False,
     progress: bool = True,
 ) -> tuple[nn.Module, PruningPlan, Sensitivity, dict[str, Any]]:
-    """Prune a copy of ``model`` as ``cfg`` says and fine-tune it; ``model`` itself is not modified.
+    """Prune a copy of ``model`` as ``cfg`` says, measure it, fine-tune it, measure again.
+
+    Args:
+        model: The trained model (not modified).
+        task: :class:`hap.train.VisionTask` (default) or :class:`hap.train.TextTask`.
+        data: The task's data (splits train/val/test; text also score).
+        cfg: The run (default: :meth:`RunConfig.for_units` of ``"channels"``).
+        sens: A sensitivity already computed for this model (reused across targets/allocations).
+        dense_test_acc: The unpruned model's test accuracy, if known (else measured).
+        out_dir: Where the fine-tune writes its resumable checkpoints (None: in memory).
+        resume: Continue the fine-tune checkpointed in ``out_dir``.
+        progress: Show progress.
 
     Returns:
-        ``(pruned model, plan, sensitivity, metrics)``; metrics hold params/MACs before and after, top-1
-        after surgery (BN re-estimated), after fine-tune (val and test), CPU latency and timings.
+        ``(pruned model, plan, sensitivity, metrics)``; metrics hold params/MACs (and heads) before and
+        after, accuracy after surgery (``*_oneshot``), after the fine-tune (``val_acc``, ``test_acc``),
+        CPU latency (``latency_ms``, ``latency_ms_base``, ``speedup``) and timings.
     """
     t0 = time.perf_counter()
-    metrics: dict[str, Any] = {"config": cfg.to_dict()}
-    gen = torch.Generator().manual_seed(cfg.seed)
+    task = task or VisionTask()
+    cfg = cfg or RunConfig()
+    target = Target.from_dict(cfg.target)
+    m: dict[str, Any] = {"config": cfg.to_dict()}
+    if dense_test_acc is None:
+        dense_test_acc = task.accuracy(model, data, "test")
+    m["dense_test_acc"] = dense_test_acc
     if sens is None:
-        loader = data.loader("train", cfg.sens_batch_size, shuffle=True, generator=gen)
-        sens = sensitivity(model, F.cross_entropy, loader, method=cfg.method, max_samples=cfg.max_samples,
-                           max_batches=cfg.sens_batches, scope=cfg.scope, curvature=cfg.curvature, seed=cfg.seed,
-                           progress=progress)
-    metrics["sensitivity_s"] = sens.wall_time_s
-    example = _example(data)
+        sens = score_units(model, task, data, cfg, progress)
+    m.update(sensitivity_s=sens.wall_time_s, sens_samples=sens.samples, sens_split_half=sens.split_half,
+             sens_converged=sens.converged)
     t1 = time.perf_counter()
-    p = plan(model, sens, Target.from_dict(cfg.target), implant=cfg.implant,
-             implant_fraction=cfg.implant_fraction if cfg.implant else 0.0, max_layer_ratio=cfg.max_layer_ratio,
-             round_to=cfg.round_to, allocation=cfg.allocation, example_inputs=example, sign=cfg.sign,
-             rank_by=cfg.rank_by)
-    metrics["plan_s"] = time.perf_counter() - t1
+    pcfg = cfg.plan if cfg.plan.implant else cfg.plan.replace(implant_fraction=0.0)
+    example = task.example_inputs(data)
+    p = make_plan(model, sens, target, config=pcfg, example_inputs=example)
+    m["plan_s"] = time.perf_counter() - t1
     small = prune(model, p)
-    recalibrate_bn(small, data.loader("train", 128, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)),
-                   max_batches=cfg.bn_batches)
-    metrics["val_acc_oneshot"] = evaluate_model(small, data, "val")
-    metrics["test_acc_oneshot"] = evaluate_model(small, data, "test")
-    teacher = None
-    if cfg.finetune.kd_alpha > 0:
-        teacher = copy.deepcopy(model).eval()
-    if cfg.finetune.epochs > 0:
-        res = train(small, data, cfg.finetune, out_dir=out_dir, resume=resume, teacher=teacher, progress=progress)
-        metrics["finetune_history"] = res.history
-        metrics["finetune_s"] = res.seconds
-    metrics["val_acc"] = evaluate_model(small, data, "val")
-    metrics["test_acc"] = evaluate_model(small, data, "test")
-    metrics["params_base"] = count_params(model)
-    metrics["params"] = count_params(small)
-    metrics["macs_base"] = count_macs(model, example)
-    metrics["macs"] = count_macs(small, example)
-    metrics["params_removed"] = 1 - metrics["params"] / metrics["params_base"]
-    metrics["macs_removed"] = 1 - metrics["macs"] / metrics["macs_base"]
-    batch = torch.zeros(64, data.in_channels, *data.image_size)
-    metrics.update(paired_latency(model, small, batch))
-    metrics["total_s"] = time.perf_counter() - t0
-    return small, p, sens, metrics
+    task.after_surgery(small, data, cfg.bn_batches, cfg.seed)
+    if cfg.repair:  # ---- hook: post-surgery repair (hap.repair), between surgery and fine-tune ----
+        t2 = time.perf_counter()
+        _repair(small, model, task, data, cfg, p)
+        m.update(repair=cfg.repair, repair_s=time.perf_counter() - t2)
+    has_val = task.has_split(data, "val")
+    if has_val:
+        m["val_acc_oneshot"] = task.accuracy(small, data, "val")
+    m["test_acc_oneshot"] = task.accuracy(small, data, "test")
+    if progress:
+        print(f"  {sens.method}: test accuracy {m['test_acc_oneshot']:.4f} right after pruning", flush=True)
+    ft = cfg.finetune.replace(seed=cfg.seed)
+    budget = task.total_steps(data, task.resolve(ft))
+    if budget > 0:
+        teacher = copy.deepcopy(model).eval() if ft.kd_alpha > 0 else None
+        res = train(small, data, ft, task=task, out_dir=out_dir, resume=resume, teacher=teacher, progress=progress)
+        m.update(finetune_history=res.history, finetune_s=res.seconds, finetune_steps=res.steps)
+        if has_val:
+            m["val_acc"] = task.accuracy(small, data, "val")
+        m["test_acc"] = task.accuracy(small, data, "test")
+    else:
+        m["finetune_steps"] = 0
+        if has_val:
+            m["val_acc"] = m["val_acc_oneshot"]
+        m["test_acc"] = m["test_acc_oneshot"]
+    heads = [g for g in p.groups if g.kind == "head"]
+    if heads:
+        m["heads_base"] = sum(g.size for g in heads)
+        m["heads"] = m["heads_base"] - sum(len(g.removed) for g in heads)
+        m["heads_removed"] = p.heads_removed
+        m["heads_per_layer"] = {g.name: len(g.kept) for g in heads}
+    m["params_base"], m["params"] = count_params(model), count_params(small)
+    m["params_removed"] = 1 - m["params"] / m["params_base"]
+    if example is None:
+        example = p.example_inputs()
+    m["macs_base"], m["macs"] = count_macs(model, example), count_macs(small, example)
+    m["macs_removed"] = 1 - m["macs"] / max(1, m["macs_base"])
+    if isinstance(example, dict):
+        m["macs_seq_len"] = int(next(iter(example.values())).shape[-1])
+    batch = task.latency_inputs(data, cfg.latency_batch)
+    m.update(paired_latency(model, small, batch, rounds=cfg.latency_rounds, repeats=cfg.latency_repeats))
+    m["latency_batch"] = [cfg.latency_batch, *([getattr(task, "max_length", cfg.max_length)] if isinstance(batch, dict)
+                                               else [])]
+    m["total_s"] = time.perf_counter() - t0
+    return small, p, sens, m

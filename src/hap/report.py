@@ -11,16 +11,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
+from ._utils import atomic_write_text
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+__all__ = ["plot_sensitivity", "plot_widths", "plot_accuracy_vs_params", "write_run_report", "write_comparison",
+           "write_heads_report", "run_label"]
 
-from ._utils import atomic_write_text  # noqa: E402
 
-__all__ = ["plot_sensitivity", "plot_widths", "plot_accuracy_vs_params", "write_run_report", "write_comparison"]
+def _figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
+    """A figure drawn by the Agg canvas of its own: files only, matplotlib's global backend untouched."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
 
 
 def _short(name: str) -> str:
@@ -36,7 +41,7 @@ def plot_sensitivity(sens: dict[str, Any], path: Path) -> Path:
     means = np.array([np.mean(groups[n]) for n in names])
     lo = means - np.array([np.min(groups[n]) for n in names])
     hi = np.array([np.max(groups[n]) for n in names]) - means
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+    fig, ax = _figure((max(6, 0.35 * len(names)), 4))
     ax.bar(range(len(names)), means, yerr=[lo, hi], color="tab:blue", alpha=0.8, capsize=2)
     ax.axhline(0, color="black", lw=0.5)
     ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=70, fontsize=7)
@@ -54,7 +59,7 @@ def plot_widths(plan: dict[str, Any], path: Path) -> Path:
     kept = np.array([len(g["kept"]) for g in gs])
     imp = np.array([len(g.get("implanted", [])) for g in gs])
     rem = np.array([len(g.get("removed", [])) for g in gs])
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+    fig, ax = _figure((max(6, 0.35 * len(names)), 4))
     x = np.arange(len(names))
     ax.bar(x, kept, label="kept", color="tab:green")
     ax.bar(x, imp, bottom=kept, label="implanted", color="tab:orange")
@@ -69,7 +74,7 @@ def plot_widths(plan: dict[str, Any], path: Path) -> Path:
 
 def plot_accuracy_vs_params(rows: Sequence[dict[str, Any]], path: Path, key: str = "test_acc") -> Path:
     """Accuracy against fraction of parameters removed, one line per method label (mean and std over seeds)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = _figure((6.5, 4.5))
     by: dict[str, dict[float, list[tuple[float, float]]]] = {}
     for r in rows:
         if key not in r:
@@ -95,13 +100,27 @@ def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(path)
     return path
 
 
 def _pct(x: Any) -> str:
     return "-" if x is None else f"{100 * float(x):.2f}"
+
+
+def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Method, target, allocation, implant of a run's config: a ``RunConfig`` dict or an older flat one."""
+    if "sensitivity" in cfg and isinstance(cfg["sensitivity"], dict):
+        plan = cfg.get("plan", {})
+        return {"method": cfg["sensitivity"].get("method"), "target": cfg.get("target"),
+                "allocation": plan.get("allocation"), "implant": plan.get("implant")}
+    return {k: cfg.get(k) for k in ("method", "target", "allocation", "implant")}
+
+
+def run_label(cfg: dict[str, Any]) -> str:
+    """``method/allocation[+implant]`` of a run's config."""
+    c = _settings(cfg)
+    return f"{c['method']}/{c['allocation']}" + (f"+{c['implant']}" if c["implant"] else "")
 
 
 def write_run_report(run_dir: str | Path) -> Path:
@@ -117,9 +136,9 @@ def write_run_report(run_dir: str | Path) -> Path:
     lines.append(f"| top-1 right after pruning, BN re-estimated (%) | | {_pct(m['test_acc_oneshot'])} |")
     lines.append(f"| CPU latency, batch 64, 1 thread (ms) | {m['latency_ms_base']:.1f} | {m['latency_ms']:.1f} "
                  f"({m['speedup']:.2f}x) |")
-    cfg = m.get("config", {})
-    lines += ["", f"method `{cfg.get('method')}`, target `{cfg.get('target')}`, allocation `{cfg.get('allocation')}`, "
-              f"implant `{cfg.get('implant')}`; model selection on the validation split, test reported only.", ""]
+    c = _settings(m.get("config", {}))
+    lines += ["", f"method `{c['method']}`, target `{c['target']}`, allocation `{c['allocation']}`, "
+              f"implant `{c['implant']}`; model selection on the validation split, test reported only.", ""]
     if (d / "sensitivity.json").is_file():
         plot_sensitivity(json.loads((d / "sensitivity.json").read_text()), d / "sensitivity.png")
         lines += ["![per-layer sensitivity](sensitivity.png)", ""]
@@ -137,9 +156,7 @@ def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Pat
         if not p.is_file():
             raise FileNotFoundError(f"no metrics.json in '{r}': is it a 'hap prune' run directory?")
         m = json.loads(p.read_text())
-        cfg = m.get("config", {})
-        implant = f"+{cfg['implant']}" if cfg.get("implant") else ""
-        m["label"] = f"{cfg.get('method')}/{cfg.get('allocation')}{implant}"
+        m["label"] = run_label(m.get("config", {}))
         m["run"] = Path(r).name
         rows.append(m)
     out = Path(out_dir)
@@ -152,3 +169,49 @@ def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Pat
                      f"{m['speedup']:.2f}x |")
     lines += ["", "![accuracy vs parameters](accuracy_vs_params.png)", ""]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def write_heads_report(directory: str | Path) -> Path:
+    """``report.md`` of a head-pruning run from its saved files (and ``heads.png``)."""
+    d = Path(directory)
+    m = json.loads((d / "metrics.json").read_text())
+    cfg = json.loads((d / "config.json").read_text())
+    plan = json.loads((d / "plan.json").read_text())
+    sens = json.loads((d / "sensitivity.json").read_text())
+    c = _settings(m["config"])
+    target = ", ".join(f"{k}={v:g}" for k, v in (c["target"] or {}).items())
+    sizes = cfg.get("data_info", {}).get("sizes", {})
+    lines = [
+        f"# Head pruning: {cfg['model']} on {cfg['data']}",
+        "",
+        f"Method **{c['method']}**, target {target}, {c['allocation']} allocation; "
+        f"labels {', '.join(cfg.get('label_names', []))}; splits " + ", ".join(f"{k} {v}" for k, v in sizes.items())
+        + ".",
+        "",
+        "| | dense | pruned |",
+        "|---|---:|---:|",
+        f"| attention heads | {m['heads_base']} | {m['heads']} ({100 * m['heads_removed']:.1f}% removed) |",
+        f"| parameters | {m['params_base']:,} | {m['params']:,} ({100 * m['params_removed']:.1f}% removed) |",
+        f"| MACs per example ({m.get('macs_seq_len')} tokens) | {m['macs_base']:,} | {m['macs']:,} "
+        f"({100 * m['macs_removed']:.1f}% removed) |",
+        f"| test accuracy, after pruning | {100 * m['dense_test_acc']:.2f}% | {100 * m['test_acc_oneshot']:.2f}% |",
+        f"| test accuracy, after {m['finetune_steps']} fine-tune steps | | {100 * m['test_acc']:.2f}% |",
+        f"| CPU latency, 1 thread, batch {'x'.join(map(str, m['latency_batch']))} tokens | "
+        f"{m['latency_ms_base']:.1f} ms | {m['latency_ms']:.1f} ms ({m['speedup']:.2f}x) |",
+        "",
+        "Heads kept per layer: " + ", ".join(
+            f"{g['name'].split('.layer.')[-1].split('.')[0] if '.layer.' in g['name'] else g['name']}: "
+            f"{len(g['kept'])}/{g['size']}" for g in plan["groups"]) + ".",
+        "",
+        f"Sensitivity: {sens['method']}, {sens.get('samples', 0)} samples over {sens.get('batches', 0)} batch(es) "
+        f"of the score split, {sens['wall_time_s']:.1f} s"
+        + (f", split-half rank stability {sens['split_half']:.3f}" if sens.get("split_half") is not None else "")
+        + ".",
+        "",
+        "![heads per layer](heads.png)",
+        "",
+        f"Rerun: `{cfg.get('rerun', '')}`",
+        "",
+    ]
+    plot_widths(plan, d / "heads.png")
+    return atomic_write_text(d / "report.md", "\n".join(lines))

@@ -8,7 +8,8 @@ import shlex
 import pytest
 
 from hap.cli import main
-from hap.text import evaluate_text, load_run, load_text_data
+from hap.text import load_run, load_text_data
+from hap.train import TextTask
 
 from .conftest import save_model_dir, write_csv
 
@@ -37,7 +38,7 @@ def test_end_to_end_run_dir_reloads_to_the_reported_accuracy(tmp_path):
     model, tok, names = load_run(out)
     assert names == ["neg", "neu", "pos"]
     data = load_text_data(str(data_file), sizes={"train": 4000, "val": 500, "score": 512, "test": 1000})
-    assert evaluate_text(model, tok, data, "test", max_length=cfg["max_length_used"]) == m["test_acc"]
+    assert TextTask(tok, max_length=cfg["max_length_used"]).accuracy(model, data, "test") == m["test_acc"]
 
     rc = main(["heads", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), *FAST])
     assert rc == 2  # a run is there: refused without --overwrite

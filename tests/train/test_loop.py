@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import hap.data
 import hap.models
-from hap.finetune import (
+from hap.train import (
     TrainConfig,
     evaluate,
     load_weights,

@@ -12,28 +12,6 @@ import hap
 from hap.cli import main
 
 
-@pytest.fixture
-def fmnist_dir(tmp_path):
-    """A tiny Fashion-MNIST in the real idx.gz format, so the CLI runs without the Debian package."""
-    import gzip
-    import struct
-
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    root = tmp_path / "fmnist"
-    root.mkdir()
-    for prefix, n in (("train", 240), ("t10k", 60)):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        images = (rng.random((n, 28, 28)) * 60).astype(np.uint8)
-        images[np.arange(n), labels * 2] = 255  # a learnable stripe (row) per class
-        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
-    return root
-
-
 def test_sensitivity_writes_json_and_table(fmnist_dir, tmp_path, capsys):
     out = tmp_path / "sens.json"
     rc = main(["sensitivity", "--data-root", str(fmnist_dir), "--out", str(out), "--max-samples", "8",
@@ -87,7 +65,7 @@ def test_bad_input_exits_2_with_one_line(fmnist_dir, tmp_path, args, words):
 def test_wrong_checkpoint_architecture(fmnist_dir, tmp_path):
     import torch.nn as nn
 
-    from hap.finetune import save_weights
+    from hap.train import save_weights
 
     ck = save_weights(nn.Linear(3, 2), tmp_path / "other.safetensors")
     assert main(["sensitivity", "--data-root", str(fmnist_dir), "--checkpoint", str(ck), "--out",

@@ -1,0 +1,55 @@
+"""``hap`` command line: one command, one subcommand per pipeline stage, ``prune`` for every unit family.
+
+Every error a user can cause (bad name, missing file, wrong checkpoint, NaN loss) ends the program with
+one line on stderr and exit code 2, never a traceback; files are written atomically, so an interrupted
+run leaves the previous outputs intact. ``--threads N`` (every command) sets torch's CPU threads for the
+command only; ``HF_HUB_OFFLINE=1`` is set for the command only: both are restored when it returns.
+Option defaults come from the config dataclasses (:class:`hap.pipeline.RunConfig`, :class:`hap.train.TrainConfig`,
+:class:`hap.config.SensitivityConfig`, :class:`hap.config.PlanConfig`), method choices from :mod:`hap.criteria`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import UserError, offline
+
+__all__ = ["main", "build_parser", "UserError"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .prune import add_heads_parser, add_prune_parser
+    from .vision import add_parsers
+
+    ap = argparse.ArgumentParser(prog="hap", description="Hessian-Aware Pruning with Neural Implant")
+    sub = ap.add_subparsers(dest="command", required=True)
+    add_parsers(sub)
+    add_prune_parser(sub)
+    add_heads_parser(sub)
+    for p in sub.choices.values():
+        if not any("--threads" in a.option_strings for a in p._actions):
+            p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .._utils import first_line, threads
+    from .prune import cmd_prune
+    from .vision import COMMANDS
+
+    commands = {**COMMANDS, "prune": cmd_prune, "heads": cmd_prune}
+    args = build_parser().parse_args(argv)
+    try:
+        with threads(args.threads), offline():
+            return commands[args.command](args)
+    except (UserError, ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
+        print(f"hap {args.command}: error: {first_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hap {args.command}: interrupted; completed epochs are checkpointed (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

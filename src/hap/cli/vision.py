@@ -1,0 +1,322 @@
+"""The stage-by-stage commands: sensitivity, train, finetune, eval, report, demo, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import criteria
+from ..config import SensitivityConfig
+from ..train import MEMORY_FORMATS, TrainConfig, VisionTask
+from .common import UserError, check_run_dir, clear_run_dir, config_option, print_table, write_json
+
+__all__ = ["add_parsers", "COMMANDS"]
+
+EXAMPLES = {
+    "sensitivity": """example:
+  hap sensitivity --model resnet20 --checkpoint runs/dense/best.safetensors --data fashion-mnist \\
+      --out runs/sens/sensitivity.json --max-samples 256
+  hap sensitivity --model resnet20 --data fashion-mnist --method l1 --out l1.json""",
+    "train": """example:
+  hap train --model resnet20 --data fashion-mnist --epochs 15 --out runs/dense
+  hap train --model resnet20 --data fashion-mnist --epochs 15 --out runs/dense --resume""",
+    "finetune": """example:
+  hap finetune --run runs/hap-p50 --model resnet20 --data fashion-mnist --epochs 3""",
+    "eval": """example:
+  hap eval --model resnet20 --checkpoint runs/dense/best.safetensors
+  hap eval --model resnet20 --run runs/hap-p50""",
+    "report": """example:
+  hap report runs/hap-p50                                  # report.md + PNGs inside the run
+  hap report runs/hap-p50 runs/l1-p50 --out runs/compare   # table + accuracy-vs-params plot""",
+    "demo": """example:
+  hap demo                 # train briefly on packaged Fashion-MNIST, prune 50% of params with HAP + implant
+  hap demo --out runs/demo --epochs 4 --subset 54000""",
+}
+_SENS = [SensitivityConfig(max_batches=8)]
+_TRAIN = [TrainConfig(epochs=15, lr=0.1, batch_size=128)]
+_FT = [TrainConfig(epochs=1, lr=0.01)]
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist (packaged), cifar10 or a folder path")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files, if not the default")
+    p.add_argument("--subset", type=int, default=None, help="use only N training images (quick runs)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+    p.add_argument("--model", default="resnet20", help="model zoo name (see `hap models`)")
+    if checkpoint:
+        p.add_argument("--checkpoint", default=None, help="safetensors weights of --model")
+
+
+def _train_options(p: argparse.ArgumentParser, defaults: list[TrainConfig], epochs_flag: str = "--epochs") -> None:
+    config_option(p, [epochs_flag], "epochs", defaults, "training epochs")
+    config_option(p, ["--lr"], "lr", defaults, "peak learning rate (SGD)")
+    config_option(p, ["--memory-format"], "memory_format", defaults,
+                  "conv tensor layout for training (auto: time both on one batch, keep the faster)",
+                  choices=list(MEMORY_FORMATS))
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    s = sub.add_parser("sensitivity", help="score every channel; write sensitivity.json and a per-layer table",
+                       epilog=EXAMPLES["sensitivity"], formatter_class=fmt)
+    _add_model_args(s)
+    _add_data_args(s)
+    help_m = "; ".join(f"{n}: {criteria.get(n).description}" for n in criteria.names("channel"))
+    config_option(s, ["--method"], "method", _SENS, f"criterion ({help_m})")
+    s.add_argument("--out", default="sensitivity.json", help="output JSON path")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    s.add_argument("--batch-size", type=int, default=128)
+    config_option(s, ["--batches"], "max_batches", _SENS, "distinct training batches to average over")
+    config_option(s, ["--max-samples"], "max_samples", _SENS, "None: 512 probes (hessian), 8192 examples (fisher)")
+    config_option(s, ["--min-samples"], "min_samples", _SENS, "")
+    config_option(s, ["--tol"], "tol", _SENS, "stop at this median relative standard error")
+    config_option(s, ["--stability"], "stability", _SENS, "stop at this split-half rank correlation")
+    config_option(s, ["--probe"], "probe", _SENS, "", choices=["global", "partitioned"])
+    config_option(s, ["--curvature"], "curvature", _SENS, "auto: Monte-Carlo Fisher (most stable per second)",
+                  choices=["auto", "hessian", "fisher"])
+    config_option(s, ["--scope"], "scope", _SENS, "", choices=["all", "producer"])
+    s.add_argument("--no-progress", action="store_true")
+
+    t = sub.add_parser("train", help="train a zoo model (resumable checkpoints every epoch)",
+                       epilog=EXAMPLES["train"], formatter_class=fmt)
+    _add_model_args(t, checkpoint=False)
+    _add_data_args(t)
+    _train_options(t, _TRAIN)
+    config_option(t, ["--batch-size"], "batch_size", _TRAIN, "")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--overwrite", action="store_true", help="start over in a directory that holds a run")
+    t.add_argument("--no-progress", action="store_true")
+
+    f = sub.add_parser("finetune", help="fine-tune a saved pruned model further", epilog=EXAMPLES["finetune"],
+                       formatter_class=fmt)
+    f.add_argument("--run", required=True, help="a directory written by 'hap prune'")
+    _add_model_args(f, checkpoint=False)
+    _add_data_args(f)
+    _train_options(f, _FT)
+    f.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="accuracy, params, MACs and CPU latency of a model", epilog=EXAMPLES["eval"],
+                       formatter_class=fmt)
+    _add_model_args(e)
+    _add_data_args(e)
+    e.add_argument("--run", default=None, help="a pruned run directory instead of --checkpoint")
+    e.add_argument("--split", default="test", choices=["val", "test"])
+
+    r = sub.add_parser("report", help="report.md and PNG plots from run directories", epilog=EXAMPLES["report"],
+                       formatter_class=fmt)
+    r.add_argument("runs", nargs="+")
+    r.add_argument("--out", default=None, help="comparison directory (several runs)")
+
+    d = sub.add_parser("demo", help="end-to-end run on the packaged Fashion-MNIST", epilog=EXAMPLES["demo"],
+                       formatter_class=fmt)
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--epochs", type=int, default=3, help="dense training epochs on the subset")
+    d.add_argument("--subset", type=int, default=12000, help="training images used (of 54,000)")
+    d.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser("models", help="list the model zoo")
+
+
+def _given(args: argparse.Namespace, base: Any, names: dict[str, str]) -> Any:
+    """``base`` with the options actually given (``names``: config field -> args attribute)."""
+    return base.replace(**{k: getattr(args, a) for k, a in names.items() if getattr(args, a, None) is not None})
+
+
+def _load_data(args: argparse.Namespace):
+    import hap.data
+
+    try:
+        return hap.data.load(args.data, root=args.data_root, seed=args.seed, subset=args.subset)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
+
+
+def _build_model(name: str, data: Any, checkpoint: str | None):
+    import hap.models
+    from hap.train import load_weights
+
+    try:
+        model = hap.models.create(name, num_classes=data.num_classes, in_channels=data.in_channels)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if checkpoint:
+        load_weights(model, checkpoint)
+    return model
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from ..metrics import classification_loss
+    from ..sensitivity import sensitivity
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"'{out}' exists: pass --overwrite to replace it or choose another --out")
+    cfg = _given(args, _SENS[0], {f: f for f in ("method", "max_samples", "min_samples", "tol", "stability", "probe",
+                                                 "curvature", "scope")} | {"max_batches": "max_batches"})
+    cfg = cfg.replace(seed=args.seed)
+    if cfg.method not in criteria.names(with_aliases=True):
+        raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(criteria.names())}")
+    data = _load_data(args)
+    model = _build_model(args.model, data, args.checkpoint)
+    if args.checkpoint is None:
+        print("note: no --checkpoint given, scoring an untrained model")
+    loader = VisionTask().sensitivity_batches(data, args.batch_size, cfg.max_batches, args.seed)
+    sens = sensitivity(model, classification_loss, loader, config=cfg, progress=not args.no_progress)
+    sens.settings.update(model=args.model, checkpoint=args.checkpoint, data=args.data, batch_size=args.batch_size)
+    sens.save(out)
+    rows = sens.layer_summary()
+    cols = ["group", "units", "weights_per_unit", "score_mean", "score_min", "score_max"]
+    estimated = sens.method.startswith("hap")
+    if estimated:
+        cols += ["trace_mean", "negative", "rel_se_median"]
+    print_table(f"sensitivity ({sens.method}) per channel group", rows, cols)
+    line = f"{len(sens.units)} units, {sens.wall_time_s:.1f} s"
+    if estimated:
+        line += (f", {sens.samples} samples over {sens.batches} batches, split-half rank stability "
+                 f"{sens.split_half:.3f}, median relative SE {sens.median_rel_se:.3f}; "
+                 f"{'converged' if sens.converged else 'NOT converged'}: {sens.stop_reason}")
+    print(line)
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hap.metrics import count_params
+    from hap.train import train
+
+    out = Path(args.out)
+    check_run_dir(out, args.resume, args.overwrite, resume_file="last.json")
+    if args.overwrite:
+        clear_run_dir(out)
+    data = _load_data(args)
+    torch.manual_seed(args.seed)
+    model = _build_model(args.model, data, None)
+    cfg = _given(args, _TRAIN[0], {f: f for f in ("epochs", "lr", "batch_size", "memory_format")})
+    cfg = cfg.replace(seed=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"command": "train", "model": args.model, "data": args.data,
+                                     "data_root": args.data_root, "subset": args.subset, "train": cfg.to_dict()})
+    task = VisionTask()
+    res = train(model, data, cfg, task=task, out_dir=out, resume=args.resume, progress=not args.no_progress)
+    metrics = {"best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
+               "test_acc": task.accuracy(model, data, "test"), "params": count_params(model), "seconds": res.seconds}
+    write_json(out / "metrics.json", metrics)
+    print(json.dumps(metrics))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on packaged data: train briefly, then the whole HAP pipeline with an implant."""
+    from .prune import add_prune_parser, cmd_prune
+
+    def build_parser() -> argparse.ArgumentParser:  # the real parsers of both steps
+        ap = argparse.ArgumentParser(prog="hap")
+        sub = ap.add_subparsers(dest="command", required=True)
+        add_parsers(sub)
+        add_prune_parser(sub)
+        return ap
+
+    # Both steps go through the real parsers, so the demo always runs with every option's current default.
+    quiet = ["--no-progress"] if args.no_progress else []
+    a = build_parser().parse_args(["train", "--model", "resnet20", "--data", "fashion-mnist", "--subset",
+                                   str(args.subset), "--epochs", str(args.epochs), "--out",
+                                   str(Path(args.out) / "dense"), *quiet])
+    t0 = time.perf_counter()
+    dense = Path(a.out)
+    if (dense / "metrics.json").is_file():
+        print(f"using the dense model already trained in {dense}")
+    else:
+        a.resume = (dense / "last.json").is_file()
+        a.overwrite = not a.resume
+        cmd_train(a)
+    p = build_parser().parse_args([
+        "prune", "--model", "resnet20", "--data", "fashion-mnist", "--subset", str(args.subset),
+        "--checkpoint", str(dense / "best.safetensors"), "--method", "hap", "--target", "params=0.5",
+        "--implant", "pointwise", "--finetune-epochs", "1", "--out", str(Path(args.out) / "hap-params50-pointwise"),
+        "--overwrite", *quiet])
+    cmd_prune(p)
+    print(f"demo done in {time.perf_counter() - t0:.0f} s; report: {p.out}/report.md")
+    return 0
+
+
+def _load_run(run: str, base: Any):
+    from ..io import load
+
+    d = Path(run)
+    if not (d / "plan.json").is_file():
+        raise UserError(f"'{d}' holds no plan.json: give a directory written by 'hap prune'")
+    return load(d, base)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ..io import save
+    from ..planning import PruningPlan
+    from ..train import train
+
+    data = _load_data(args)
+    model = _load_run(args.run, _build_model(args.model, data, None))
+    plan = PruningPlan.load(Path(args.run) / "plan.json")
+    cfg = _given(args, _FT[0], {f: f for f in ("epochs", "lr", "memory_format")}).replace(seed=args.seed)
+    task = VisionTask()
+    res = train(model, data, cfg, task=task, progress=not args.no_progress)
+    save(model, plan, args.run)
+    acc = task.accuracy(model, data, "test")
+    metrics_path = Path(args.run) / "metrics.json"
+    if metrics_path.is_file():
+        m = json.loads(metrics_path.read_text())
+        m.setdefault("extra_finetune", []).append({"epochs": cfg.epochs, "lr": cfg.lr, "test_acc": acc,
+                                                    "best_val_acc": res.best_val_acc})
+        m["test_acc"], m["val_acc"] = acc, res.best_val_acc
+        write_json(metrics_path, m)
+    print(json.dumps({"best_val_acc": res.best_val_acc, "test_acc": acc}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hap.metrics import count_macs, count_params, latency
+
+    data = _load_data(args)
+    if args.run:
+        model = _load_run(args.run, _build_model(args.model, data, None))
+    else:
+        model = _build_model(args.model, data, args.checkpoint)
+    task = VisionTask()
+    x = task.example_inputs(data)
+    res = {"acc": task.accuracy(model, data, args.split), "split": args.split, "params": count_params(model),
+           "macs": count_macs(model, x),
+           "latency_ms_b64": latency(model, task.latency_inputs(data, 64), repeats=15, threads=1).median_ms}
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hap.report import write_comparison, write_run_report
+
+    for r in args.runs:
+        if not (Path(r) / "metrics.json").is_file():
+            raise UserError(f"no metrics.json in '{r}': is it a 'hap prune' run directory?")
+    if len(args.runs) == 1 and args.out is None:
+        print(f"written: {write_run_report(args.runs[0])}")
+    else:
+        print(f"written: {write_comparison(args.runs, args.out or 'comparison')}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import hap.models
+
+    print("\n".join(hap.models.list_models()))
+    return 0
+
+
+COMMANDS = {"sensitivity": cmd_sensitivity, "train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval,
+            "report": cmd_report, "demo": cmd_demo, "models": cmd_models}

@@ -1,0 +1,32 @@
+"""Training: one loop (:func:`train`) for every model family, with tasks for what differs.
+
+    from hap.train import TrainConfig, VisionTask, TextTask, train
+    train(model, data, TrainConfig(epochs=2, lr=0.01))                        # a CNN on hap.data
+    train(clf, text_data, TrainConfig(steps=100), task=TextTask(tokenizer))   # an encoder on hap.text
+
+Accuracy everywhere is :func:`hap.metrics.accuracy` / :func:`hap.metrics.evaluate` (re-exported here).
+"""
+
+from ..metrics import accuracy, classification_loss, evaluate
+from .checkpoint import load_weights, save_weights
+from .config import MEMORY_FORMATS, SCHEDULES, TrainConfig, TrainResult
+from .loop import train
+from .tasks import Task, TextTask, VisionTask, pick_memory_format, recalibrate_bn
+
+__all__ = [
+    "MEMORY_FORMATS",
+    "SCHEDULES",
+    "TrainConfig",
+    "TrainResult",
+    "Task",
+    "VisionTask",
+    "TextTask",
+    "train",
+    "evaluate",
+    "accuracy",
+    "classification_loss",
+    "recalibrate_bn",
+    "pick_memory_format",
+    "save_weights",
+    "load_weights",
+]

@@ -1,0 +1,336 @@
+"""Tasks: what differs between training a CNN on images and an encoder on text, and nothing else.
+
+The loop (:func:`hap.train.train`) is one; a task supplies the task's defaults for the fields of
+:class:`TrainConfig` left ``None``, its optimiser and learning-rate schedule, its batches (image tensors
+or keyword tensors of a tokenizer), how a model is prepared for training (memory layout) and handed back,
+and the batches the pipeline scores units, re-estimates statistics and times latency on.
+
+- :class:`VisionTask`: SGD + Nesterov momentum, cosine/step schedule in epochs, augmentation, BatchNorm
+  re-estimation after surgery, ``channels_last`` probed, data = :class:`hap.data.Dataset`.
+- :class:`TextTask`: AdamW without decay on biases/LayerNorm, linear warm-up and decay, gradient
+  clipping, budget in optimiser steps, data = :class:`hap.text.TextData` and a tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..metrics import accuracy
+from .config import MEMORY_FORMATS, TrainConfig
+
+__all__ = ["Task", "VisionTask", "TextTask", "recalibrate_bn", "pick_memory_format"]
+
+
+class Task:
+    """Base of the tasks; see the module docstring. Subclasses set ``DEFAULTS`` and the batch methods."""
+
+    name: ClassVar[str] = "task"
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+    SCHEDULES: ClassVar[tuple[str, ...]] = ()
+    eval_batch_size: int = 256
+    validate_each_epoch: ClassVar[bool] = True
+    sensitivity_split: ClassVar[str] = "train"
+
+    def resolve(self, cfg: TrainConfig) -> TrainConfig:
+        """``cfg`` with every ``None`` field the task has a default for filled in, validated."""
+        fill = {k: v for k, v in self.DEFAULTS.items() if getattr(cfg, k) is None}
+        cfg = cfg.replace(**fill)
+        if cfg.epochs is not None and cfg.epochs < 0:
+            raise ValueError("epochs must be >= 0")
+        if cfg.schedule not in self.SCHEDULES:
+            raise ValueError(f"unknown schedule {cfg.schedule!r} for {self.name}: use {' or '.join(self.SCHEDULES)}")
+        return cfg
+
+    # -- the budget -------------------------------------------------------------------------------
+    def steps_per_epoch(self, data: Any, cfg: TrainConfig) -> int:
+        raise NotImplementedError
+
+    def total_steps(self, data: Any, cfg: TrainConfig) -> int:
+        spe = self.steps_per_epoch(data, cfg)
+        if cfg.steps is not None:
+            return int(cfg.steps)
+        return int(math.ceil(float(cfg.epochs) * spe))
+
+    def lr(self, cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+        raise NotImplementedError
+
+    def optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    # -- batches ----------------------------------------------------------------------------------
+    def train_batches(self, data: Any, cfg: TrainConfig, epoch: int) -> Iterable[tuple[Any, torch.Tensor]]:
+        raise NotImplementedError
+
+    def eval_batches(self, data: Any, split: str) -> Iterable[tuple[Any, torch.Tensor]]:
+        raise NotImplementedError
+
+    def accuracy(self, model: nn.Module, data: Any, split: str) -> float:
+        """Top-1 accuracy on one split of ``data`` (:func:`hap.metrics.accuracy`)."""
+        return accuracy(model, self.eval_batches(data, split))
+
+    def has_split(self, data: Any, split: str) -> bool:
+        return True
+
+    def sensitivity_batches(self, data: Any, batch_size: int, max_batches: int, seed: int) -> Iterable[Any]:
+        """The batches units are scored on."""
+        raise NotImplementedError
+
+    def example_inputs(self, data: Any) -> Any:
+        """One example for counting MACs (``None``: the plan's own)."""
+        return None
+
+    def latency_inputs(self, data: Any, n: int) -> Any:
+        raise NotImplementedError
+
+    # -- model preparation ------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, data: Any, cfg: TrainConfig, resumed: str | None) -> str:
+        """Put ``model`` in its training layout; returns the layout's name (saved with a checkpoint)."""
+        return "contiguous"
+
+    def to_input(self, x: Any, layout: str) -> Any:
+        return x
+
+    def finish(self, model: nn.Module, layout: str) -> None:
+        """Hand the model back in the layout it came in."""
+
+    def after_surgery(self, model: nn.Module, data: Any, batches: int, seed: int) -> None:
+        """What a pruned model needs before it is measured (vision: BatchNorm statistics)."""
+
+
+# ------------------------------------------------------------------------------------------------ vision
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]], max_batches: int = 50) -> nn.Module:
+    """Re-estimate BatchNorm running statistics after surgery (cumulative average over batches).
+
+    Pruning changes what flows into every BatchNorm downstream; stale statistics alone can drop a
+    pruned network to chance accuracy, which would hide the quality of the pruning criterion.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    saved = [(m, m.momentum) for m in bns]
+    was = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    for i, (x, _) in enumerate(batches):
+        if i >= max_batches:
+            break
+        model(x)
+    for m, mom in saved:
+        m.momentum = mom
+    model.train(was)
+    return model
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fmt: torch.memory_format, reps: int) -> float:
+    m = model.to(memory_format=fmt)
+    x = x.to(memory_format=fmt)
+    best = float("inf")
+    for i in range(reps + 1):  # the first repetition warms up (allocator, oneDNN kernel choice)
+        t0 = time.perf_counter()
+        F.cross_entropy(m(x), y).backward()
+        m.zero_grad(set_to_none=True)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def pick_memory_format(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int = 3) -> str:
+    """Time one forward+backward step in each memory layout on a copy of ``model``; return the faster.
+
+    Whether NHWC (``channels_last``) helps depends on the backend, the layer widths and the image size:
+    on CPU it often wins for wide convolutions at large images and loses for thin ones at 28x28, and a
+    pruned network is thinner than the one it came from. So it is measured, not assumed.
+    """
+    if x.dim() != 4 or not _has_conv(model):
+        return "contiguous"
+    probe = copy.deepcopy(model).train()  # a copy: BatchNorm statistics and grads of ``model`` stay as they are
+    t_std = _step_seconds(probe, x, y, torch.contiguous_format, reps)
+    t_cl = _step_seconds(probe, x, y, torch.channels_last, reps)
+    return "channels_last" if t_cl < 0.95 * t_std else "contiguous"
+
+
+class VisionTask(Task):
+    """Image classification on a :class:`hap.data.Dataset` (``loader(split, batch_size, ...)``)."""
+
+    name = "vision"
+    DEFAULTS = {"epochs": 10, "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "schedule": "cosine",
+                "warmup": 0.0, "grad_clip": 0.0}
+    SCHEDULES = ("cosine", "step")
+
+    def __init__(self, eval_batch_size: int = 512) -> None:
+        self.eval_batch_size = eval_batch_size
+
+    def resolve(self, cfg: TrainConfig) -> TrainConfig:
+        cfg = super().resolve(cfg)
+        if cfg.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {cfg.memory_format!r}")
+        return cfg
+
+    def _loader(self, data: Any, cfg: TrainConfig, epoch: int):
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # order depends on (seed, epoch): resumable
+        return data.loader("train", cfg.batch_size, shuffle=True, augment=cfg.augment, generator=gen, drop_last=True)
+
+    def steps_per_epoch(self, data: Any, cfg: TrainConfig) -> int:
+        n = len(self._loader(data, cfg, 0))
+        return n if cfg.max_steps_per_epoch is None else min(n, cfg.max_steps_per_epoch)
+
+    def total_steps(self, data: Any, cfg: TrainConfig) -> int:
+        if cfg.steps is not None:
+            return int(cfg.steps)
+        return int(cfg.epochs) * self.steps_per_epoch(data, cfg)
+
+    def lr(self, cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+        epoch_f = step / max(steps_per_epoch, 1)
+        epochs = total / max(steps_per_epoch, 1)
+        warm = cfg.warmup * epochs
+        if warm > 0 and epoch_f < warm:
+            return cfg.lr * (epoch_f + 1e-3) / warm
+        if cfg.schedule == "cosine":
+            return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(epoch_f / max(epochs, 1e-9), 1.0)))
+        return cfg.lr * (0.1 ** (int(epoch_f >= 0.5 * epochs) + int(epoch_f >= 0.75 * epochs)))
+
+    def optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+
+    def train_batches(self, data: Any, cfg: TrainConfig, epoch: int):
+        return self._loader(data, cfg, epoch)
+
+    def eval_batches(self, data: Any, split: str):
+        return data.loader(split, self.eval_batch_size)
+
+    def has_split(self, data: Any, split: str) -> bool:
+        try:
+            return len(data.loader(split, self.eval_batch_size)) > 0
+        except (KeyError, ValueError):
+            return False
+
+    def sensitivity_batches(self, data: Any, batch_size: int, max_batches: int, seed: int):
+        return data.loader("train", batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+    def example_inputs(self, data: Any) -> torch.Tensor:
+        return torch.zeros(1, data.in_channels, *data.image_size)
+
+    def latency_inputs(self, data: Any, n: int) -> torch.Tensor:
+        return torch.zeros(n, data.in_channels, *data.image_size)
+
+    def prepare(self, model: nn.Module, data: Any, cfg: TrainConfig, resumed: str | None) -> str:
+        fmt = resumed or cfg.memory_format
+        if fmt == "auto":
+            gen = torch.Generator().manual_seed(cfg.seed)
+            x, y = next(iter(data.loader("train", cfg.batch_size, shuffle=True, augment=False, generator=gen)))
+            fmt = pick_memory_format(model, x, y)
+        if fmt == "channels_last":
+            model.to(memory_format=torch.channels_last)
+        return fmt
+
+    def to_input(self, x: Any, layout: str) -> Any:
+        return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+    def finish(self, model: nn.Module, layout: str) -> None:
+        if layout == "channels_last":
+            model.to(memory_format=torch.contiguous_format)
+
+    def after_surgery(self, model: nn.Module, data: Any, batches: int, seed: int) -> None:
+        recalibrate_bn(model, data.loader("train", 128, shuffle=True, generator=torch.Generator().manual_seed(seed)),
+                       max_batches=batches)
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
+
+
+class TextTask(Task):
+    """Sequence classification of a Hugging Face encoder on :class:`hap.text.TextData`.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        max_length: Longest token sequence (training, evaluation, scoring, latency).
+        eval_batch_size: Texts per evaluation batch.
+    """
+
+    name = "text"
+    DEFAULTS = {"epochs": 1.0, "lr": 5e-5, "batch_size": 32, "weight_decay": 0.01, "schedule": "linear",
+                "warmup": 0.06, "grad_clip": 1.0}
+    SCHEDULES = ("linear",)
+    validate_each_epoch = False
+    sensitivity_split = "score"
+
+    def __init__(self, tokenizer: Any, max_length: int = 64, eval_batch_size: int = 64) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.eval_batch_size = eval_batch_size
+
+    def _loader(self, data: Any, split: str, batch_size: int, **kw: Any):
+        from ..text.data import TextLoader
+
+        texts, labels = data.split(split)
+        return TextLoader(texts, labels, self.tokenizer, batch_size, max_length=self.max_length, **kw)
+
+    def steps_per_epoch(self, data: Any, cfg: TrainConfig) -> int:
+        n = data.sizes().get("train", 0)
+        if not n:
+            raise ValueError("the train split is empty: nothing to fine-tune on")
+        return math.ceil(n / cfg.batch_size)
+
+    def total_steps(self, data: Any, cfg: TrainConfig) -> int:
+        if cfg.steps is not None:
+            return int(cfg.steps)
+        return max(1, super().total_steps(data, cfg))
+
+    def lr(self, cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+        warm = int(round(cfg.warmup * total))
+        if step < warm:
+            return cfg.lr * (step + 1) / (warm + 1)
+        return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
+
+    def optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": cfg.weight_decay},
+                  {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+
+    def train_batches(self, data: Any, cfg: TrainConfig, epoch: int):
+        loader = self._loader(data, "train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+        loader.passes = epoch  # the order of a pass depends on (seed, pass): resumable
+        return loader
+
+    def eval_batches(self, data: Any, split: str, limit: int | None = None):
+        return self._loader(data, split, self.eval_batch_size, limit=limit)
+
+    def has_split(self, data: Any, split: str) -> bool:
+        return bool(data.sizes().get(split))
+
+    def sensitivity_batches(self, data: Any, batch_size: int, max_batches: int, seed: int):
+        if not data.sizes().get("score"):
+            raise ValueError("the score split is empty: heads are scored on data apart from train and test")
+        return self._loader(data, "score", batch_size, limit=batch_size * max_batches)
+
+    def latency_inputs(self, data: Any, n: int) -> dict[str, torch.Tensor]:
+        """``n`` test texts padded to ``max_length`` tokens: a fixed-shape batch for timing."""
+        texts, _ = data.split("test")
+        texts = (texts * (n // max(1, len(texts)) + 1))[:n]
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        names = getattr(self.tokenizer, "model_input_names", None) or ("input_ids", "attention_mask")
+        return {k: v for k, v in enc.items() if k in names}
