@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-import types
 
 import pytest
 import torch
@@ -51,21 +49,21 @@ def test_run_measures_what_the_reports_read_and_restores_global_state():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
-def test_repair_hook_is_called_between_surgery_and_fine_tune(monkeypatch):
-    calls = []
-    fake = types.ModuleType("hap.repair")
-
-    def repair(small, original, batches, *, plan=None):
-        calls.append((small, original, len(batches), plan))
-
-    fake.repair = repair
-    monkeypatch.setitem(sys.modules, "hap.repair", fake)
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+def test_repair_stage_refits_and_reports_before_and_after():
     model = _model()
     cfg = CFG.replace(repair="lsq", repair_batches=2, finetune=CFG.finetune.replace(epochs=0))
     small, plan, _, m = run(model, VisionTask(eval_batch_size=16), _Images(), cfg, progress=False)
-    assert len(calls) == 1 and calls[0][0] is small and calls[0][1] is model and calls[0][3] is plan
-    assert calls[0][2] == 2 and m["repair"] == "lsq" and m["finetune_steps"] == 0
+    for k in ("test_acc_surgery", "val_acc_surgery", "test_acc_oneshot", "repair_s", "repair_peak_mb",
+              "repair_examples"):
+        assert k in m, k
+    assert m["repair"] == "lsq" and m["finetune_steps"] == 0 and m["repair_layers"] > 0
+    assert m["repair_examples"] > 0
+    assert m["repair_rel_err_after"] <= m["repair_rel_err_before"] + 1e-12
+
+
+def test_unknown_repair_is_an_error():
+    with pytest.raises(ValueError, match="repair must be one of lsq"):
+        run(_model(), VisionTask(eval_batch_size=16), _Images(), CFG.replace(repair="magic"), progress=False)
 
 
 def test_unknown_target_kind_is_an_error():

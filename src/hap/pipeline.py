@@ -14,9 +14,9 @@ split (which selects the weights) and on the test split (reported only).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -26,11 +26,12 @@ from .config import Config, PlanConfig, SensitivityConfig
 from .metrics import classification_loss, count_macs, count_params, latency
 from .planner import plan as make_plan
 from .planning import PruningPlan, Target
+from .repair import repair
 from .sensitivity import Sensitivity, sensitivity
 from .surgery import prune
 from .train import Task, TrainConfig, VisionTask, train
 
-__all__ = ["RunConfig", "run", "score_units", "paired_latency", "UNIT_DEFAULTS"]
+__all__ = ["RunConfig", "run", "score_units", "paired_latency", "UNIT_DEFAULTS", "REPAIRS"]
 
 
 @dataclass
@@ -45,8 +46,10 @@ class RunConfig(Config):
         sens_batch_size: Examples per sensitivity batch (``sensitivity.max_batches`` batches are drawn).
         plan: How scores become a plan (``implant=None``: no implants).
         bn_batches: Vision: training batches of 128 used to re-estimate BatchNorm statistics after surgery.
-        repair: Post-surgery compensation (``hap.repair``), between surgery and fine-tune; ``None``: off.
-        repair_batches: Calibration batches (of ``sens_batch_size``) given to the repair.
+        repair: Post-surgery compensation between surgery and fine-tune: ``"lsq"`` (:func:`hap.repair`,
+            layer-wise least squares) or ``None`` (off).
+        repair_batches: Calibration batches (of ``sens_batch_size``, drawn like the sensitivity's with the
+            next seed) given to the repair.
         finetune: Training budget after pruning (its ``seed`` is set from this config's).
         dense: Training before pruning (the CLI's; e.g. a new classification head); ``None``: the
             command's default (text: one epoch when the head is new, else none).
@@ -138,13 +141,24 @@ def score_units(model: nn.Module, task: Task, data: Any, cfg: RunConfig, progres
     return sens
 
 
-def _repair(small: nn.Module, model: nn.Module, task: Task, data: Any, cfg: RunConfig, p: PruningPlan) -> None:
+REPAIRS = ("lsq",)
+
+
+def _repair(small: nn.Module, model: nn.Module, task: Task, data: Any, cfg: RunConfig, p: PruningPlan,
+            progress: bool) -> dict[str, Any]:
     """The repair stage (off unless ``cfg.repair``): hap.repair refits the kept weights after surgery."""
-    if importlib.util.find_spec("hap.repair") is None:
-        raise ValueError(f"repair={cfg.repair!r} asked for, but this hap has no hap.repair module")
-    repair_mod = importlib.import_module("hap.repair")
-    batches = list(task.sensitivity_batches(data, cfg.sens_batch_size, cfg.repair_batches, cfg.seed + 1))
-    repair_mod.repair(small, model, batches[: cfg.repair_batches], plan=p)
+    if cfg.repair not in REPAIRS:
+        raise ValueError(f"repair must be one of {', '.join(REPAIRS)} or None, got {cfg.repair!r}")
+    if cfg.repair_batches < 1:
+        raise ValueError(f"repair_batches must be >= 1, got {cfg.repair_batches}")
+    batches = list(islice(task.sensitivity_batches(data, cfg.sens_batch_size, cfg.repair_batches, cfg.seed + 1),
+                          cfg.repair_batches))
+    rep = repair(small, model, batches, plan=p, progress=progress)
+    errs = [(b, a) for b, a in rep.errors.values()]
+    return {"repair": cfg.repair, "repair_s": rep.seconds, "repair_peak_mb": rep.peak_memory_mb,
+            "repair_examples": rep.examples, "repair_layers": len(rep.layers), "repair_skipped": len(rep.skipped),
+            "repair_rel_err_before": float(np.median([b for b, _ in errs])) if errs else None,
+            "repair_rel_err_after": float(np.median([a for _, a in errs])) if errs else None}
 
 
 def run(
@@ -196,11 +210,12 @@ def run(
     m["plan_s"] = time.perf_counter() - t1
     small = prune(model, p)
     task.after_surgery(small, data, cfg.bn_batches, cfg.seed)
-    if cfg.repair:  # ---- hook: post-surgery repair (hap.repair), between surgery and fine-tune ----
-        t2 = time.perf_counter()
-        _repair(small, model, task, data, cfg, p)
-        m.update(repair=cfg.repair, repair_s=time.perf_counter() - t2)
     has_val = task.has_split(data, "val")
+    if cfg.repair:  # post-surgery repair: accuracy measured before and after it
+        if has_val:
+            m["val_acc_surgery"] = task.accuracy(small, data, "val")
+        m["test_acc_surgery"] = task.accuracy(small, data, "test")
+        m.update(_repair(small, model, task, data, cfg, p, progress))
     if has_val:
         m["val_acc_oneshot"] = task.accuracy(small, data, "val")
     m["test_acc_oneshot"] = task.accuracy(small, data, "test")

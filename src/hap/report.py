@@ -123,6 +123,17 @@ def run_label(cfg: dict[str, Any]) -> str:
     return f"{c['method']}/{c['allocation']}" + (f"+{c['implant']}" if c["implant"] else "")
 
 
+def _repair_rows(m: dict[str, Any], surgery_label: str, pct: Any) -> list[str]:
+    """Accuracy right after surgery, and after the repair when one ran (with its time and memory)."""
+    if not m.get("repair"):
+        return [f"| {surgery_label} | | {pct(m['test_acc_oneshot'])} |"]
+    return [
+        f"| {surgery_label} | | {pct(m['test_acc_surgery'])} |",
+        f"| top-1 test after repair ({m['repair']}, {m.get('repair_examples')} calibration examples, "
+        f"{m['repair_s']:.1f} s, +{m.get('repair_peak_mb', 0):.0f} MB peak) | | {pct(m['test_acc_oneshot'])} |",
+    ]
+
+
 def write_run_report(run_dir: str | Path) -> Path:
     """``report.md`` + plots for one ``hap prune`` run directory."""
     d = Path(run_dir)
@@ -133,7 +144,7 @@ def write_run_report(run_dir: str | Path) -> Path:
     lines.append(f"| MACs / image | {m['macs_base']:,} | {m['macs']:,} ({_pct(m['macs_removed'])}% removed) |")
     if "dense_test_acc" in m:
         lines.append(f"| top-1 test (%) | {_pct(m['dense_test_acc'])} | {_pct(m['test_acc'])} |")
-    lines.append(f"| top-1 right after pruning, BN re-estimated (%) | | {_pct(m['test_acc_oneshot'])} |")
+    lines += _repair_rows(m, "top-1 test right after pruning, BN re-estimated (%)", _pct)
     lines.append(f"| CPU latency, batch 64, 1 thread (ms) | {m['latency_ms_base']:.1f} | {m['latency_ms']:.1f} "
                  f"({m['speedup']:.2f}x) |")
     c = _settings(m.get("config", {}))
@@ -194,7 +205,8 @@ def write_heads_report(directory: str | Path) -> Path:
         f"| parameters | {m['params_base']:,} | {m['params']:,} ({100 * m['params_removed']:.1f}% removed) |",
         f"| MACs per example ({m.get('macs_seq_len')} tokens) | {m['macs_base']:,} | {m['macs']:,} "
         f"({100 * m['macs_removed']:.1f}% removed) |",
-        f"| test accuracy, after pruning | {100 * m['dense_test_acc']:.2f}% | {100 * m['test_acc_oneshot']:.2f}% |",
+        f"| test accuracy (dense) | {100 * m['dense_test_acc']:.2f}% | |",
+        *_repair_rows(m, "test accuracy, right after pruning (%)", lambda x: f"{100 * float(x):.2f}"),
         f"| test accuracy, after {m['finetune_steps']} fine-tune steps | | {100 * m['test_acc']:.2f}% |",
         f"| CPU latency, 1 thread, batch {'x'.join(map(str, m['latency_batch']))} tokens | "
         f"{m['latency_ms_base']:.1f} ms | {m['latency_ms']:.1f} ms ({m['speedup']:.2f}x) |",

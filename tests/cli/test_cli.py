@@ -105,3 +105,20 @@ def test_prune_rejects_bad_targets(fmnist_dir, tmp_path, target):
     assert main(["prune", "--data-root", str(fmnist_dir), "--target", target, "--out", str(tmp_path / "r"),
                  "--no-progress"]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_post_training_mode_repairs_without_fine_tuning(fmnist_dir, tmp_path):
+    """``--repair lsq --calibration N --finetune-epochs 0``: accuracy before and after the repair, its cost."""
+    out = tmp_path / "pt"
+    assert main(["prune", "--data-root", str(fmnist_dir), "--method", "l1", "--target", "params=0.5", "--repair", "lsq",
+                 "--calibration", "64", "--sens-batch-size", "32", "--finetune-epochs", "0", "--out", str(out),
+                 "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["repair"] == "lsq" and m["repair_examples"] == 64 and m["finetune_steps"] == 0
+    assert m["test_acc"] == m["test_acc_oneshot"] and "test_acc_surgery" in m and m["repair_s"] > 0
+    assert "after repair" in (out / "report.md").read_text()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["repair"] == "lsq" and cfg["repair_batches"] == 2 and cfg["sens_batch_size"] == 32  # all applied
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses an unknown repair with its usage line
+        main(["prune", "--data-root", str(fmnist_dir), "--repair", "magic", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2

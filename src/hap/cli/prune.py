@@ -47,7 +47,9 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict[str, Any]]] = [
     (("--rank-by",), "plan.rank_by", "layer_normalized: L2-normalise each layer's scores before ranking",
      {"choices": list(RANKINGS)}),
     (("--bn-batches",), "bn_batches", "vision: batches re-estimating BatchNorm statistics after surgery", {}),
-    (("--repair",), "repair", "post-surgery repair (needs hap.repair)", {}),
+    (("--repair",), "repair", "post-surgery layer-wise least-squares repair before fine-tuning",
+     {"choices": ["lsq"]}),
+    (("--repair-batches",), "repair_batches", "calibration batches (of --sens-batch-size) for --repair", {}),
     (("--finetune-epochs",), "finetune.epochs", "fine-tune epochs after pruning", {}),
     (("--finetune-steps",), "finetune.steps", "fine-tune steps after pruning (0: none; overrides epochs)", {}),
     (("--finetune-lr", "--lr"), "finetune.lr", "fine-tune learning rate", {}),
@@ -100,6 +102,9 @@ def _add_run_options(p: argparse.ArgumentParser, units: list[str]) -> None:
     p.add_argument("--implant", default=None, choices=[*IMPLANT_KINDS, "none"], help="implant kind (default: none)")
     for flags, path, help_, kw in RUN_OPTIONS:
         config_option(p, flags, path, defaults, help_, **kw)
+    p.add_argument("--calibration", type=int, default=None, metavar="N",
+                   help="calibration examples for --repair (sets --repair-batches to N / --sens-batch-size, "
+                   "rounded up)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="dense training batch; the fine-tune's is half of it unless --finetune-batch-size")
     p.add_argument("--classes", default=None,
@@ -177,7 +182,8 @@ def resolve(args: argparse.Namespace) -> RunConfig:
             raise UserError(f"--units {args.units} contradicts the config's units {cfg.units}")
     else:
         cfg = RunConfig.for_units(args.units or _infer_units(args.model))
-    given = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    paths = {path for _, path, _, _ in RUN_OPTIONS} | {"sensitivity.method"}
+    given = {k: v for k, v in vars(args).items() if v is not None and (k in paths or k.startswith("data_options."))}
     for path, v in given.items():
         if path.startswith("dense.") and cfg.dense is None:
             cfg = cfg.replace(dense=TrainConfig())
@@ -201,6 +207,10 @@ def resolve(args: argparse.Namespace) -> RunConfig:
             cfg = set_path(cfg, "finetune.batch_size", max(1, args.batch_size // 2))
     if args.implant is not None:
         cfg = set_path(cfg, "plan.implant", None if args.implant == "none" else args.implant)
+    if getattr(args, "calibration", None) is not None:
+        if args.calibration < 1:
+            raise UserError(f"--calibration {args.calibration}: give at least one calibration example")
+        cfg = cfg.replace(repair_batches=-(-args.calibration // cfg.sens_batch_size))
     if args.target is not None:
         cfg = cfg.replace(target=parse_target_for(args.target, cfg.units))
     else:
@@ -289,7 +299,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
             {"": "params", "dense": f"{m['params_base']:,}", "pruned": f"{m['params']:,}"},
             {"": "MACs/image", "dense": f"{m['macs_base']:,}", "pruned": f"{m['macs']:,}"},
             {"": "top-1 test", "dense": f"{m['dense_test_acc']:.4f}", "pruned": f"{m['test_acc']:.4f}"},
-            {"": "top-1 after surgery (BN re-est.)", "dense": "", "pruned": f"{m['test_acc_oneshot']:.4f}"},
+            *([{"": "top-1 after surgery (BN re-est.)", "dense": "", "pruned": f"{m['test_acc_surgery']:.4f}"},
+               {"": f"top-1 after repair ({m['repair_s']:.1f} s)", "dense": "",
+                "pruned": f"{m['test_acc_oneshot']:.4f}"}] if m.get("repair") else
+              [{"": "top-1 after surgery (BN re-est.)", "dense": "", "pruned": f"{m['test_acc_oneshot']:.4f}"}]),
             {"": "CPU latency b64 (ms)", "dense": f"{m['latency_ms_base']:.1f}",
              "pruned": f"{m['latency_ms']:.1f} ({m['speedup']:.2f}x)"},
         ], ["", "dense", "pruned"])
