@@ -54,6 +54,55 @@ def _rss_mb() -> float:
     return r / 2**20 if r > 2**40 else r / 1024
 
 
+def _current_rss_mb() -> float | None:
+    """Resident memory now (Linux ``/proc/self/statm``), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * resource.getpagesize() / 2**20
+
+
+class _RssSampler:
+    """The largest resident memory seen while the block runs, sampled every ``interval`` seconds.
+
+    ``ru_maxrss`` is the peak of the process's whole life: a second repair in the same process usually
+    stays under the first one's peak and would report no growth at all. Sampling the current resident
+    size gives the growth of *this* call (a sampling lower bound, missing spikes shorter than the interval).
+    """
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.start = _current_rss_mb()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = _current_rss_mb()
+            if now is not None and self.peak is not None:
+                self.peak = max(self.peak, now)
+
+    def __enter__(self) -> _RssSampler:
+        if self.start is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        now = _current_rss_mb()
+        if now is not None and self.peak is not None:
+            self.peak = max(self.peak, now)
+
+    @property
+    def growth_mb(self) -> float | None:
+        return None if self.start is None or self.peak is None else max(0.0, self.peak - self.start)
+
+
 # ----------------------------------------------------------------------------------------------------
 # layers as matrix problems
 
