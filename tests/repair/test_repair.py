@@ -20,6 +20,8 @@ from hap.repair import (
     unfold_inputs,
 )
 
+from .._plan_helpers import randomize
+
 # ----------------------------------------------------------------------------------------------------
 # helpers
 
@@ -46,21 +48,7 @@ class OneLayer(nn.Module):
         return self.layer(self.pre(x))
 
 
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and BN statistics (a fresh BN is the identity and would hide mistakes)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            elif isinstance(m, nn.Conv2d | nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / m.weight[0].numel() ** 0.5)
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-    return model.eval()
+_randomize = randomize  # random weights and BN statistics (a fresh BN is the identity, hiding mistakes)
 
 
 def _batches(shape: tuple[int, ...], n_batches: int = 3, n: int = 8, seed: int = 0, dtype=torch.float64):

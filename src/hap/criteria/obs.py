@@ -97,17 +97,20 @@ def layer_hessians(model: nn.Module, layers: list[str], data: list[tuple[Any, An
     return out
 
 
-def _weights(model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
-    named = dict(model.named_modules())
-    return {n: named[n].weight.detach().double().reshape(named[n].weight.shape[0], -1) for n in layers}
+def _problems(ctx: ScoreContext) -> tuple[dict[str, dict[int, list[int]]], dict[str, torch.Tensor],
+                                             dict[str, torch.Tensor]]:
+    """Consumer columns of every unit, and each consumer's damped ``H`` and weight matrix."""
+    cols = consumer_columns(ctx.model, list(ctx.units))
+    hs = layer_hessians(ctx.model, list(cols), list(ctx.data))
+    named = dict(ctx.model.named_modules())
+    ws = {n: named[n].weight.detach().double().reshape(named[n].weight.shape[0], -1) for n in cols}
+    return cols, hs, ws
 
 
 @register_criterion("obs", options=("max_batches",), description="structured OBS: consumers' reconstruction-error "
                     "increase after least-squares compensation")
 def obs(ctx: ScoreContext) -> np.ndarray:
-    cols = consumer_columns(ctx.model, list(ctx.units))
-    hs = layer_hessians(ctx.model, list(cols), list(ctx.data))
-    ws = _weights(ctx.model, list(cols))
+    cols, hs, ws = _problems(ctx)
     scores = np.zeros(len(ctx.units))
     for layer, by_unit in cols.items():
         if layer not in hs:
@@ -121,9 +124,7 @@ def obs(ctx: ScoreContext) -> np.ndarray:
 @register_criterion("obs-greedy", options=("max_batches",), description="greedy structured OBS inside each group "
                     "(H^-1 and weights updated after each removal)")
 def obs_greedy(ctx: ScoreContext) -> np.ndarray:
-    cols = consumer_columns(ctx.model, list(ctx.units))
-    hs = layer_hessians(ctx.model, list(cols), list(ctx.data))
-    ws = _weights(ctx.model, list(cols))
+    cols, hs, ws = _problems(ctx)
     members: dict[str, list[int]] = {}
     for pos, u in enumerate(ctx.units):
         members.setdefault(u.group, []).append(pos)
