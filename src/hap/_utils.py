@@ -46,11 +46,17 @@ class eval_mode:
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to a temp file beside ``path``, then rename it over ``path`` (readers never see half).
+
+    The file is made 0644: ``mkstemp`` creates 0600, and results nobody else on the machine can read are
+    not what anyone expects of a report or a config.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

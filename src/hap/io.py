@@ -57,6 +57,7 @@ def save(model: nn.Module, plan: PruningPlan, directory: str | os.PathLike[str])
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", "pruned_signature": sig, "plan_digest": plan.digest()})
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a saved model is as readable as any other output
         os.replace(tmp, d / WEIGHTS_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

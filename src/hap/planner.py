@@ -23,7 +23,7 @@ from .implant import implant_block_reason, implant_unsupported_reason, lowrank_r
 from .metrics import ModelCost, count_macs_disposable, count_params, measure
 from .planning.allocation import GroupInfo, candidates, layer_normalized, materialize
 from .planning.search import search
-from .planning.types import GroupPlan, PruningPlan, Target, input_spec, make_inputs, pruned_share
+from .planning.types import GroupPlan, PruningPlan, Target, input_spec, make_inputs, pruned_share, sequence_length
 from .sensitivity import Sensitivity
 from .surgery import apply_groups
 from .units import family_for_kind
@@ -68,7 +68,9 @@ def plan(
             keeps fewer MACs off and fine-tunes no better. See ``rank_by`` for cost-aware global ranking.
         exclude: Layers (names or modules) whose groups must not be touched.
         example_inputs: One input batch; it fixes the input size MACs are counted for and traces the
-            graph. Default: the input shape the sensitivity was computed on (recorded in its settings),
+            graph; for token inputs MACs are counted for its sequence length (``settings["tokens"]`` of
+            the plan). Default: the input shape and dtype the sensitivity was computed on (recorded in its
+            settings; integer token ids passed positionally stay integers),
             else the model's ``input_shape`` attribute, else a guessed 1 x C x 32 x 32 for a conv net
             (not for a ``flops`` target: MACs depend on the input size).
         sign: How negative sensitivity estimates rank: ``"signed"`` (as estimated: most negative
@@ -147,6 +149,9 @@ def _default_inputs(model: nn.Module, sens: Sensitivity) -> tuple[Any, str]:
     shape = sens.settings.get("input_shape") or getattr(model, "input_shape", None)
     first = next(model.parameters(), None)
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    recorded = getattr(torch, str(sens.settings.get("input_dtype", "")), None)
+    if isinstance(recorded, torch.dtype) and not recorded.is_floating_point:
+        dtype = recorded  # integer token ids passed positionally: zeros are valid ids, floats are not
     if shape:
         return torch.zeros(1, *[int(s) for s in shape], dtype=dtype, device=model_device(model)), "recorded"
     for m in model.modules():
@@ -233,6 +238,7 @@ def _plan(model: nn.Module, sens: Sensitivity, target: Target, inputs: Any, spec
             "tol": cfg.tol,
             "implant_cost": cfg.implant_cost,
             "exclude": sorted(excluded),
+            **({"tokens": tokens} if (tokens := sequence_length(spec)) is not None else {}),
         },
     )
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from ._utils import atomic_write_text
 
 __all__ = ["plot_sensitivity", "plot_widths", "plot_accuracy_vs_params", "write_run_report", "write_comparison",
-           "write_heads_report", "run_label"]
+           "write_heads_report", "run_label", "check_same_test_set"]
 
 
 def _figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
@@ -134,6 +134,30 @@ def _repair_rows(m: dict[str, Any], surgery_label: str, pct: Any) -> list[str]:
     ]
 
 
+def _test_set(m: dict[str, Any]) -> str:
+    """"10000 test images (labels #ab12cd34ef56), 6000 val" or "test set not recorded" (older runs)."""
+    if "test_size" not in m:
+        return "test set not recorded (a run of an older hap)"
+    return f"{m['test_size']} test images (labels #{m['test_labels_sha']}), {m.get('val_size', '?')} validation"
+
+
+def check_same_test_set(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Refuse runs scored on different test sets; return the runs whose test set is not recorded.
+
+    An accuracy is only comparable with one measured on the same images: a run made with a smaller
+    test split (or another dataset) would otherwise sit in the same table without a word.
+
+    Raises:
+        ValueError: Two runs record different test-set sizes or label fingerprints.
+    """
+    known = {(m["test_size"], m["test_labels_sha"]): m["run"] for m in rows if "test_size" in m}
+    if len(known) > 1:
+        parts = ", ".join(f"{run}: {n} images #{sha}" for (n, sha), run in known.items())
+        raise ValueError(f"these runs were scored on different test sets ({parts}): compare runs of the same "
+                         "data and splits")
+    return [m["run"] for m in rows if "test_size" not in m]
+
+
 def write_run_report(run_dir: str | Path) -> Path:
     """``report.md`` + plots for one ``hap prune`` run directory."""
     d = Path(run_dir)
@@ -149,7 +173,8 @@ def write_run_report(run_dir: str | Path) -> Path:
                  f"({m['speedup']:.2f}x) |")
     c = _settings(m.get("config", {}))
     lines += ["", f"method `{c['method']}`, target `{c['target']}`, allocation `{c['allocation']}`, "
-              f"implant `{c['implant']}`; model selection on the validation split, test reported only.", ""]
+              f"implant `{c['implant']}`; model selection on the validation split, test reported only; "
+              f"{_test_set(m)}.", ""]
     if (d / "sensitivity.json").is_file():
         plot_sensitivity(json.loads((d / "sensitivity.json").read_text()), d / "sensitivity.png")
         lines += ["![per-layer sensitivity](sensitivity.png)", ""]
@@ -170,15 +195,21 @@ def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Pat
         m["label"] = run_label(m.get("config", {}))
         m["run"] = Path(r).name
         rows.append(m)
+    unknown = check_same_test_set(rows)
     out = Path(out_dir)
     plot_accuracy_vs_params(rows, out / "accuracy_vs_params.png")
     lines = ["# hap comparison", "", "| run | method | params removed % | MACs removed % | top-1 one-shot % | "
-             "top-1 val % | top-1 test % | speed-up |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "top-1 val % | top-1 test % | val / test n | speed-up |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in rows:
         lines.append(f"| {m['run']} | {m['label']} | {_pct(m['params_removed'])} | {_pct(m['macs_removed'])} | "
-                     f"{_pct(m['test_acc_oneshot'])} | {_pct(m['val_acc'])} | {_pct(m['test_acc'])} | "
-                     f"{m['speedup']:.2f}x |")
-    lines += ["", "![accuracy vs parameters](accuracy_vs_params.png)", ""]
+                     f"{_pct(m['test_acc_oneshot'])} | {_pct(m.get('val_acc'))} | {_pct(m['test_acc'])} | "
+                     f"{m.get('val_size', '?')} / {m.get('test_size', '?')} | {m['speedup']:.2f}x |")
+    same = next((_test_set(m) for m in rows if "test_size" in m), None)
+    lines += ["", f"All runs scored on the same test set: {same}." if same else "", ""]
+    if unknown:
+        lines += [f"**Warning**: runs {', '.join(unknown)} do not record their test set (made by an older hap): "
+                  "check by hand that they were scored on the same images.", ""]
+    lines += ["![accuracy vs parameters](accuracy_vs_params.png)", ""]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 

@@ -248,11 +248,38 @@ def _input_record(x: Any) -> dict[str, Any]:
     return {}
 
 
+def _is_names(units: Any) -> bool:
+    return isinstance(units, tuple | list) and bool(units) and all(isinstance(u, str) for u in units)
+
+
+def _family_names(units: str | Sequence[str]) -> list[str]:
+    """``"heads,neurons"`` or ``("heads", "neurons")`` -> ``["heads", "neurons"]`` (order kept, no repeats)."""
+    parts = units.split(",") if isinstance(units, str) else list(units)
+    names = list(dict.fromkeys(p.strip() for p in parts if p.strip()))
+    if not names:
+        raise ValueError(f"units={units!r} names no unit family: use e.g. 'channels', 'heads' or 'heads,neurons'")
+    return names
+
+
+def _discover(spec: str, model: nn.Module, example: Any, exclude: Sequence[str]) -> list[Unit]:
+    """The units of every family ``spec`` names, family after family: one pool the criterion scores
+    together and the planner ranks together (joint heads + neurons)."""
+    out: list[Unit] = []
+    owner: dict[str, str] = {}
+    for name in _family_names(spec):
+        for u in get_family(name).discover(model, example, exclude):
+            if owner.setdefault(u.group, name) != name:
+                raise ValueError(f"units {owner[u.group]!r} and {name!r} both name group '{u.group}': "
+                                 "score these families separately")
+            out.append(u)
+    return out
+
+
 def sensitivity(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     batches: Iterable[Any],
-    units: str | Sequence[Unit] | None = None,
+    units: str | Sequence[str] | Sequence[Unit] | None = None,
     method: str | None = None,
     *,
     config: SensitivityConfig | None = None,
@@ -266,7 +293,9 @@ def sensitivity(
         loss_fn: ``loss_fn(model(inputs), targets) -> scalar`` (the model's output passed as it is).
         batches: ``(inputs, targets)`` pairs; ``inputs`` a tensor (positional) or a mapping (keywords).
         units: A registered unit family (``"channels"``, the default, traced on the first batch;
-            ``"heads"``), or a list of units (e.g. from :func:`hap.channel_groups`).
+            ``"heads"``; ``"neurons"``: feed-forward neurons), several of them scored and ranked together
+            (``("heads", "neurons")`` or ``"heads,neurons"``, stored as the latter), or a list of units
+            (e.g. from :func:`hap.channel_groups`).
         method: A registered criterion (:func:`hap.criteria.names`): ``"hap"`` (default), ``"hap-fisher"``,
             ``"hap-hessian"``, ``"l1"``, ``"l2"``, ``"taylor"``, ``"obd"``, ``"michel"`` (heads), ``"random"``.
         config: All options at once; keywords in ``options`` override its fields.
@@ -288,8 +317,8 @@ def sensitivity(
     elif "exclude" in options:
         options["exclude"] = ()
     cfg = cfg.replace(**options)
-    if isinstance(units, str):
-        cfg = cfg.replace(units=units)
+    if isinstance(units, str) or _is_names(units):
+        cfg = cfg.replace(units=",".join(_family_names(units)))  # type: ignore[arg-type]
     if method is not None:
         cfg = cfg.replace(method=method)
     crit = criteria.get(cfg.method)
@@ -299,8 +328,8 @@ def sensitivity(
         raise ValueError(f"scope must be 'all' or 'producer', got {cfg.scope!r}")
     start = time.perf_counter()
     data = materialize_batches(batches, cfg.max_batches)
-    if units is None or isinstance(units, str):
-        unit_list = get_family(cfg.units).discover(model, _first_inputs(data), cfg.exclude)
+    if units is None or isinstance(units, str) or _is_names(units):
+        unit_list = _discover(cfg.units, model, _first_inputs(data), cfg.exclude)
     else:
         unit_list = list(units)
         cfg = cfg.replace(units="given")

@@ -8,13 +8,17 @@ import pytest
 @pytest.fixture
 def fmnist_dir(tmp_path):
     """A tiny Fashion-MNIST in the real idx.gz format, so the CLI runs without the Debian package."""
+    return write_tiny_fmnist(tmp_path / "fmnist")
+
+
+def write_tiny_fmnist(root):
+    """240 training and 60 test images with a learnable stripe per class, as the four idx.gz files."""
     import gzip
     import struct
 
     import numpy as np
 
     rng = np.random.default_rng(0)
-    root = tmp_path / "fmnist"
     root.mkdir()
     for prefix, n in (("train", 240), ("t10k", 60)):
         labels = (np.arange(n) % 10).astype(np.uint8)

@@ -19,6 +19,8 @@ from hap.train import (
     save_weights,
     train,
 )
+from hap.train import checkpoint as ck_mod
+from hap.train.checkpoint import read_checkpoint
 
 
 class _Data:
@@ -61,21 +63,79 @@ def test_interrupted_run_keeps_a_valid_checkpoint_and_resumes_identically(tmp_pa
     # uninterrupted reference
     ref = _model()
     train(ref, _Data(), cfg, out_dir=tmp_path / "ref", progress=False)
-    ref_last = load_weights(_model(), tmp_path / "ref" / "last.safetensors")
+    ref_last = load_weights(_model(), read_checkpoint(tmp_path / "ref").weights)
     # interrupted in the middle of epoch 2 (4 train batches per epoch): the last checkpoint is epoch 1
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(_model(), _Data(interrupt_at=6), cfg, out_dir=run, progress=False)
     meta = json.loads((run / "last.json").read_text())
     assert meta["epoch"] == 0
-    load_weights(_model(), run / "last.safetensors")  # loads: not half-written
-    assert not list(run.glob(".*tmp"))
+    load_weights(_model(), read_checkpoint(run).weights)  # loads: not half-written
+    assert not list(run.rglob(".*tmp"))
     # resuming gives the same final weights as the uninterrupted run
     resumed = _model()
     train(resumed, _Data(), cfg, out_dir=run, resume=True, progress=False)
-    got = load_weights(_model(), run / "last.safetensors")
+    got = load_weights(_model(), read_checkpoint(run).weights)
     for a, b in zip(got.state_dict().values(), ref_last.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, "pointer"])
+def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_set(tmp_path, monkeypatch, fail_at):
+    """Issue 15 item 3: the files of one epoch are one set; dying between any two of them (or before the
+    pointer's rename) leaves last.json naming the previous complete set, and resume ends bit-identical."""
+    cfg = TrainConfig(epochs=3, lr=0.1, batch_size=16, augment=False, seed=0, memory_format="contiguous")
+    ref = _model()
+    train(ref, _Data(), cfg, out_dir=tmp_path / "ref", progress=False)
+    run = tmp_path / "run"
+    real_save, real_pointer = ck_mod.save_file, ck_mod._write_pointer
+    calls = {"n": 0, "sets": 0}
+
+    def save(tensors, path):  # epoch 2's set (index 1) dies at its fail_at-th file
+        calls["n"] += 1
+        if calls["sets"] == 1 and fail_at != "pointer" and calls["n"] == fail_at:
+            raise KeyboardInterrupt
+        return real_save(tensors, path)
+
+    def pointer(path, meta):
+        calls["sets"] += 1
+        calls["n"] = 0
+        if calls["sets"] == 2 and fail_at == "pointer":
+            raise KeyboardInterrupt
+        return real_pointer(path, meta)
+
+    monkeypatch.setattr(ck_mod, "save_file", save)
+    monkeypatch.setattr(ck_mod, "_write_pointer", pointer)
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), _Data(), cfg, out_dir=run, progress=False)
+    monkeypatch.undo()
+    ck = read_checkpoint(run)  # checksums verified
+    assert ck.meta["epoch"] == 0 and len(ck.meta["history"]) == 1
+    resumed = _model()
+    res = train(resumed, _Data(), cfg, out_dir=run, resume=True, progress=False)
+    assert [h["epoch"] for h in res.history] == [0, 1, 2]
+    for a, b in zip(resumed.state_dict().values(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [d.name for d in (run / "checkpoints").iterdir()] == [read_checkpoint(run).directory.name]
+
+
+def test_resume_with_changed_options_names_them(tmp_path):
+    cfg = TrainConfig(epochs=1, lr=0.1, batch_size=16, augment=False, memory_format="contiguous")
+    train(_model(), _Data(), cfg, out_dir=tmp_path, progress=False, tag={"model": "a"})
+    with pytest.raises(ValueError, match=r"lr: 0\.1 -> 0\.05"):
+        train(_model(), _Data(), cfg.replace(lr=0.05), out_dir=tmp_path, resume=True, progress=False,
+              tag={"model": "a"})
+    with pytest.raises(ValueError, match="model: 'a' -> 'b'"):
+        train(_model(), _Data(), cfg, out_dir=tmp_path, resume=True, progress=False, tag={"model": "b"})
+
+
+def test_a_tampered_checkpoint_is_refused(tmp_path):
+    cfg = TrainConfig(epochs=1, lr=0.1, batch_size=16, augment=False, memory_format="contiguous")
+    train(_model(), _Data(), cfg, out_dir=tmp_path, progress=False)
+    w = read_checkpoint(tmp_path).weights
+    w.write_bytes(w.read_bytes()[:-7] + b"1234567")
+    with pytest.raises(ValueError, match="checksum"):
+        train(_model(), _Data(), cfg, out_dir=tmp_path, resume=True, progress=False)
 
 
 def test_nan_loss_is_a_clear_error():

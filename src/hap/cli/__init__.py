@@ -1,8 +1,11 @@
 """``hap`` command line: one command, one subcommand per pipeline stage, ``prune`` for every unit family.
 
 Every error a user can cause (bad name, missing file, wrong checkpoint, NaN loss) ends the program with
-one line on stderr and exit code 2, never a traceback; files are written atomically, so an interrupted
-run leaves the previous outputs intact. ``--threads N`` (every command) sets torch's CPU threads for the
+one line on stderr and exit code 2, never a traceback; an OS error (read-only or full disk, a path under
+a regular file) one line naming the path and the fix, exit code 1 (``hap --debug CMD`` shows the
+traceback instead). Files are written atomically and a run directory is committed by its manifest, so an
+interrupted run leaves the previous outputs intact and a failed one blocks no retry.
+``--threads N`` (every command) sets torch's CPU threads for the
 command only; ``HF_HUB_OFFLINE=1`` is set for the command only: both are restored when it returns.
 Option defaults come from the config dataclasses (:class:`hap.pipeline.RunConfig`, :class:`hap.train.TrainConfig`,
 :class:`hap.config.SensitivityConfig`, :class:`hap.config.PlanConfig`), method choices from :mod:`hap.criteria`.
@@ -23,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .vision import add_parsers
 
     ap = argparse.ArgumentParser(prog="hap", description="Hessian-Aware Pruning with Neural Implant")
+    ap.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     sub = ap.add_subparsers(dest="command", required=True)
     add_parsers(sub)
     add_prune_parser(sub)
@@ -35,17 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .._utils import first_line, threads
+    from .common import os_error_line
     from .prune import cmd_prune
     from .vision import COMMANDS
 
     commands = {**COMMANDS, "prune": cmd_prune, "heads": cmd_prune}
     args = build_parser().parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        print(f"hap {args.command}: error: --threads {args.threads}: give at least 1", file=sys.stderr)
+        return 2
     try:
         with threads(args.threads), offline():
             return commands[args.command](args)
     except (UserError, ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
+        if args.debug:
+            raise
         print(f"hap {args.command}: error: {first_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine, not the input: read-only or full disk, a path under a regular file
+        if args.debug:
+            raise
+        print(f"hap {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"hap {args.command}: interrupted; completed epochs are checkpointed (use --resume)", file=sys.stderr)
         return 130

@@ -1,26 +1,42 @@
 """What every ``hap`` command shares: the user error, options generated from config dataclasses, the one
-target parser, the one run-directory guard, tables and JSON files."""
+target parser, the one run-directory guard and commit, OS errors as one line, tables and JSON files.
+
+A run directory is *committed* by ``manifest.json`` (every output's SHA-256), written last
+(:func:`commit_run`). A directory holding a checkpoint but no manifest is an *unfinished* run
+(``--resume`` continues it); one holding neither is the leftover of a failed run and blocks nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import math
 import os
 import sys
+import tempfile
+import time
 import typing
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UserError", "parse_target", "check_run_dir", "write_json", "print_table", "config_option",
-           "get_path", "set_path", "offline"]
+__all__ = ["UserError", "parse_target", "check_run_dir", "clear_run_dir", "commit_run", "run_state",
+           "os_error_line", "write_json", "print_table", "config_option", "get_path", "set_path", "offline",
+           "MANIFEST"]
 
-# what a run directory may hold from an earlier run: removed by --overwrite
-RUN_FILES = ("last.json", "last.safetensors", "best.safetensors", "last_optim.safetensors",
-             "last_momentum.safetensors", "metrics.json", "report.md", "finetune/last.json",
-             "finetune/last.safetensors", "finetune/best.safetensors", "finetune/last_optim.safetensors")
+MANIFEST = "manifest.json"  # written last: a run directory holding it is a finished run
+_PENDING = ".commit-pending"  # exists only while a commit is being written
+# the outputs a committed run may hold (train: config, best, metrics; prune: the rest too)
+OUTPUT_FILES = ("config.json", "best.safetensors", "metrics.json", "sensitivity.json", "plan.json",
+                "model.safetensors", "report.md", "sensitivity.png", "widths.png", "heads.png")
+CHECKPOINT_POINTERS = ("last.json", "finetune/last.json")  # an unfinished run can be resumed from these
+# what a run directory may hold besides its outputs: checkpoints, and the files of older hap versions
+RUN_FILES = (*OUTPUT_FILES, MANIFEST, _PENDING, "last.json", "last.safetensors", "last_optim.safetensors",
+             "last_momentum.safetensors", "finetune/last.json", "finetune/last.safetensors",
+             "finetune/best.safetensors", "finetune/last_optim.safetensors")
 
 
 class UserError(Exception):
@@ -46,20 +62,120 @@ def parse_target(text: str, kinds: Sequence[str]) -> dict[str, float]:
         raise UserError(f"--target {text!r}: the fraction removed must be strictly between 0 and 1") from e
 
 
-def check_run_dir(out: Path, resume: bool = False, overwrite: bool = False, resume_file: str | None = None) -> None:
-    """The one guard: a directory holding a run is refused unless ``--resume`` or ``--overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise UserError(f"'{out}' already holds a run: pass --resume to continue it or --overwrite to start over")
-    if resume and resume_file and not (out / resume_file).is_file():
-        raise UserError(f"nothing to resume in '{out}' (no {resume_file}): drop --resume")
+def _known(out: Path, p: Path) -> bool:
+    """Whether ``p`` is something hap writes into a run directory (so a failed run's leftover)."""
+    if p.name.startswith("."):  # temp files of atomic writes
+        return True
+    rel = p.relative_to(out).as_posix()
+    if p.is_dir():
+        if rel in ("checkpoints", "finetune/checkpoints", "base"):
+            return True
+        return rel == "finetune" and all(_known(out, q) for q in p.iterdir())
+    return rel in RUN_FILES
+
+
+def run_state(out: Path) -> str:
+    """``"empty"``, ``"committed"`` (a finished run), ``"unfinished"`` (a checkpoint, no manifest),
+    ``"failed"`` (only leftovers of hap's own files) or ``"foreign"`` (other files)."""
+    if not out.exists():
+        return "empty"
+    if not out.is_dir():
+        raise UserError(f"--out '{out}' is a file, not a directory: choose another --out")
+    entries = list(out.iterdir())
+    if not entries:
+        return "empty"
+    pending = (out / _PENDING).exists()
+    if (out / MANIFEST).is_file() or ((out / "metrics.json").is_file() and not pending):  # older runs: metrics
+        return "committed"
+    if any((out / p).is_file() for p in CHECKPOINT_POINTERS):
+        return "unfinished"
+    return "failed" if all(_known(out, p) for p in entries) else "foreign"
 
 
 def clear_run_dir(out: Path) -> None:
-    """Remove an earlier run's outputs (``--overwrite``): never leave old results beside new files."""
+    """Remove an earlier run's outputs and checkpoints (never files hap did not write)."""
+    import shutil
+
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "finetune/checkpoints"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def check_run_dir(out: Path, resume: bool = False, overwrite: bool = False) -> str:
+    """The one guard, before any compute: refuse to mix two runs, let a failed run be retried, and make
+    sure ``out`` is writable (an OS error here costs nothing; after an hour of training it costs the hour).
+
+    Returns:
+        The state :func:`run_state` found.
+    """
+    state = run_state(out)
+    if state == "committed" and not (resume or overwrite):
+        raise UserError(f"'{out}' already holds a finished run: pass --overwrite to replace it or choose "
+                        "another --out")
+    if state == "unfinished" and not (resume or overwrite):
+        raise UserError(f"'{out}' holds an unfinished run (a checkpoint, no {MANIFEST}): pass --resume to "
+                        "continue it or --overwrite to start over")
+    if state == "foreign" and not overwrite:
+        raise UserError(f"'{out}' is not empty and holds no hap run: choose a new or empty --out")
+    if state == "failed":
+        _note(f"'{out}' holds only the leftovers of a failed run (no checkpoint, no {MANIFEST}): removing them")
+        clear_run_dir(out)
+    if resume and state in ("empty", "failed"):
+        _note(f"nothing to resume in '{out}': starting from the beginning")
+    out.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=out)
+    os.close(fd)
+    os.unlink(probe)
+    return state
+
+
+@contextmanager
+def commit_run(out: Path, files: Sequence[str]) -> Iterator[None]:
+    """Write a run's outputs inside the block, then ``manifest.json`` (their SHA-256) last.
+
+    The old manifest goes first (a crash mid-commit leaves an uncommitted directory, which a retry
+    may reuse), then outputs of an earlier run that this one does not write; ``files``: the outputs
+    (names relative to ``out``) the block writes.
+    """
+    from ..train.checkpoint import sha256_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _PENDING).touch()
+    (out / MANIFEST).unlink(missing_ok=True)
+    for name in OUTPUT_FILES:
+        if name not in files:
+            (out / name).unlink(missing_ok=True)
+    yield
+    from .. import __version__
+
+    sums = {f: sha256_file(out / f) for f in files if (out / f).is_file()}
+    write_json(out / MANIFEST, {"files": sums, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                "hap": __version__})
+    (out / _PENDING).unlink(missing_ok=True)
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or choose an --out on another disk",
+    errno.EROFS: "the file system is read-only: choose a writable --out",
+    errno.EACCES: "permission denied: choose a directory you can write to",
+    errno.EPERM: "permission denied: choose a directory you can write to",
+    errno.ENOTDIR: "a parent of this path is a regular file, not a directory: choose another path",
+    errno.EEXIST: "a file of that name is in the way: remove it or choose another path",
+    errno.EISDIR: "a directory of that name is in the way: remove it or choose another path",
+    errno.EDQUOT: "the disk quota is exceeded: free some space or choose another --out",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OS error: the path, what went wrong, and what to do about it."""
+    where = f"'{e.filename}'" if e.filename else "a file"
+    what = e.strerror or str(e)
+    return f"cannot write {where}: {what}; {_OS_HINTS.get(e.errno or 0, 'check the path and try again')}"
 
 
 def _jsonable(o: Any) -> Any:
@@ -68,10 +184,23 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as strict JSON, atomically: a NaN/inf (e.g. the split-half stability of a criterion that has
+    none) is written as ``null``, because ``NaN`` is not JSON and other tools refuse the whole file."""
     from .._utils import atomic_write_text
 
-    atomic_write_text(path, json.dumps(obj, indent=1, default=_jsonable))
+    plain = _finite_or_null(json.loads(json.dumps(obj, default=_jsonable)))
+    atomic_write_text(path, json.dumps(plain, indent=1, allow_nan=False))
 
 
 def _fmt(v: Any) -> str:

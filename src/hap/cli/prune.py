@@ -1,4 +1,4 @@
-"""``hap prune`` (``--units channels|heads``) and its alias ``hap heads``: one run directory per run.
+"""``hap prune`` (``--units channels|heads|heads,neurons``) and its alias ``hap heads``: one run directory per run.
 
     OUT/config.json        the resolved RunConfig (``hap prune --config OUT/config.json --out NEW`` reruns
                            it), plus what was found while loading (label names, data splits, ...)
@@ -22,12 +22,15 @@ from .. import criteria
 from ..config import ALLOCATIONS, IMPLANT_KINDS, RANKINGS, SIGNS
 from ..pipeline import RunConfig
 from ..train import MEMORY_FORMATS, TrainConfig
-from .common import UserError, check_run_dir, clear_run_dir, config_option, print_table, set_path, write_json
-from .sources import TARGETS, DataOptions, load_source, save_text_base
+from .common import UserError, check_run_dir, commit_run, config_option, print_table, set_path, write_json
+from .sources import TARGETS, TEXT_UNITS, DataOptions, load_source, run_defaults, save_text_base
 
 __all__ = ["add_prune_parser", "add_heads_parser", "cmd_prune", "cmd_heads", "load_run_config", "RECORD_KEYS"]
 
 # keys of config.json besides the RunConfig's: a record of the run, ignored by --config
+OUTPUTS = ("config.json", "sensitivity.json", "plan.json", "model.safetensors", "metrics.json", "report.md",
+           "sensitivity.png", "widths.png")
+OUTPUTS_HEADS = (*OUTPUTS[:6], "heads.png")
 RECORD_KEYS = ("command", "rerun", "out", "model_dir", "label_names", "new_head", "train_epochs_used",
                "max_length_used", "data_info")
 
@@ -44,6 +47,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict[str, Any]]] = [
     (("--max-layer-ratio",), "plan.max_layer_ratio", "", {}),
     (("--round-to",), "plan.round_to", "remaining widths multiples of this", {}),
     (("--sign",), "plan.sign", "how negative estimates rank", {"choices": list(SIGNS)}),
+    (("--tol",), "plan.tol", "largest accepted |achieved - target| (coarse units on a small model need more)", {}),
     (("--rank-by",), "plan.rank_by", "layer_normalized: L2-normalise each layer's scores before ranking",
      {"choices": list(RANKINGS)}),
     (("--bn-batches",), "bn_batches", "vision: batches re-estimating BatchNorm statistics after surgery", {}),
@@ -80,6 +84,7 @@ PRUNE_EXAMPLE = """example:
       --method hap --target params=0.5 --implant pointwise --finetune-epochs 2 --out runs/hap-p50
   hap prune ... --method l1 --allocation uniform --target flops=0.5 --out runs/l1-f50
   hap prune --units heads --model minilm --data tweets --target heads=0.5 --out runs/heads-50
+  hap prune --units heads,neurons --model minilm --data tweets --target flops=0.4 --out runs/width-f40
   hap prune --config runs/hap-p50/config.json --out runs/hap-p50-again"""
 HEADS_EXAMPLE = """example:
   hap heads --model minilm --data tweets --target heads=0.6 --out runs/heads-hap-60
@@ -90,7 +95,7 @@ HEADS_EXAMPLE = """example:
 
 
 def _add_run_options(p: argparse.ArgumentParser, units: list[str]) -> None:
-    defaults = [RunConfig.for_units(u) for u in units]
+    defaults = [run_defaults(u) for u in units]
     kind = "head" if units == ["heads"] else None
     methods = criteria.names(kind, with_aliases=True)
     help_m = "; ".join(f"{n}: {criteria.get(n).description}" for n in criteria.names(kind))
@@ -129,10 +134,12 @@ class _DataHolder:
 
 def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="sensitivity -> plan (+implant) -> surgery -> fine-tune -> report, one run dir "
-                       "(--units channels: a zoo CNN; --units heads: a local Hugging Face encoder)",
+                       "(--units channels: a zoo CNN; --units heads or heads,neurons: a local Hugging Face "
+                       "encoder)",
                        epilog=PRUNE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--units", default=None, choices=list(TARGETS),
-                   help="what is pruned (default: heads for 'minilm' or a model directory, else channels)")
+                   help="what is pruned (heads,neurons: attention heads and feed-forward neurons ranked "
+                   "together; default: heads for 'minilm' or a model directory, else channels)")
     p.add_argument("--config", default=None, help="a run's config.json: rerun it (options given here override it)")
     p.add_argument("--model", default=None, help="zoo name (`hap models`; default resnet20), 'minilm' or a local "
                    "Hugging Face model directory")
@@ -181,7 +188,7 @@ def resolve(args: argparse.Namespace) -> RunConfig:
         if args.units and args.units != cfg.units:
             raise UserError(f"--units {args.units} contradicts the config's units {cfg.units}")
     else:
-        cfg = RunConfig.for_units(args.units or _infer_units(args.model))
+        cfg = run_defaults(args.units or _infer_units(args.model))
     paths = {path for _, path, _, _ in RUN_OPTIONS} | {"sensitivity.method"}
     given = {k: v for k, v in vars(args).items() if v is not None and (k in paths or k.startswith("data_options."))}
     for path, v in given.items():
@@ -217,6 +224,9 @@ def resolve(args: argparse.Namespace) -> RunConfig:
         parse_target_for(",".join(f"{k}={v}" for k, v in cfg.target.items()), cfg.units)
     if cfg.sensitivity.method not in criteria.names(with_aliases=True):
         raise UserError(f"unknown method {cfg.sensitivity.method!r}; choose one of {', '.join(criteria.names())}")
+    from .checks import validate_run_config
+
+    validate_run_config(cfg)  # every option checked before any compute
     return cfg
 
 
@@ -227,9 +237,11 @@ def parse_target_for(text: str, units: str) -> dict[str, float]:
 
 
 def rerun_command(cfg: RunConfig, out: Path) -> str:
-    """The ``hap heads`` command line that repeats a heads run (every option spelled out)."""
+    """The ``hap heads`` (or ``hap prune --units heads,neurons``) command line that repeats a text run
+    (every option spelled out)."""
     opts = DataOptions.from_dict(cfg.data_options)
-    parts = ["hap", "heads", "--model", str(cfg.model), "--data", str(cfg.data), "--classes", ",".join(opts.classes)]
+    cmd = ["hap", "heads"] if cfg.units == "heads" else ["hap", "prune", "--units", cfg.units]
+    parts = [*cmd, "--model", str(cfg.model), "--data", str(cfg.data), "--classes", ",".join(opts.classes)]
     for flag, value in (("--text-column", opts.text_column), ("--label-column", opts.label_column)):
         if value:
             parts += [flag, value]
@@ -261,7 +273,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..sensitivity import Sensitivity
 
     cfg = resolve(args)
-    heads = cfg.units == "heads"
+    heads = cfg.units in TEXT_UNITS  # a Hugging Face encoder on text
     out = Path(args.out or f"runs/heads-{cfg.method}-" + "".join(f"{k}{v:g}" for k, v in cfg.target.items()))
     check_run_dir(out, args.resume, args.overwrite)
     progress = not args.no_progress
@@ -270,10 +282,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {"command": args.command, **loaded.record}
     if heads:
         record["rerun"] = rerun_command(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.overwrite:
-        clear_run_dir(out)
-    write_json(out / "config.json", {**cfg.to_dict(), **record})
     sens = None
     if args.resume and (out / "sensitivity.json").is_file():
         sens = Sensitivity.load(out / "sensitivity.json")
@@ -281,19 +289,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                      dense_test_acc=loaded.dense_test_acc, out_dir=None if heads else out / "finetune",
                                      resume=args.resume, progress=progress)
     metrics.update(loaded.metrics)
+    neurons = [g for g in plan.groups if g.kind == "neuron"]
+    if neurons:  # the pipeline reports heads; the feed-forward widths are added here
+        metrics.update(neurons_base=sum(g.size for g in neurons), neurons=sum(len(g.kept) for g in neurons),
+                       neurons_removed=plan.neurons_removed, neurons_per_layer={g.name: len(g.kept) for g in neurons})
+    metrics.update(loaded.task.split_record(loaded.data))
     sens.settings.update(model=cfg.model, data=cfg.data)
-    sens.save(out / "sensitivity.json")
-    save(small, plan, out)
-    if heads:
-        save_text_base(out, loaded)
-    write_json(out / "metrics.json", metrics)
-    (write_heads_report if heads else write_run_report)(out)
+    with commit_run(out, OUTPUTS_HEADS if heads else OUTPUTS):  # config.json too: written only with the results
+        write_json(out / "config.json", {**cfg.to_dict(), **record})
+        sens.save(out / "sensitivity.json")
+        save(small, plan, out)
+        if heads:
+            save_text_base(out, loaded)
+        write_json(out / "metrics.json", metrics)
+        (write_heads_report if heads else write_run_report)(out)
     m = metrics
     if heads:
         print(f"heads {m['heads_base']} -> {m['heads']} ({100 * m['heads_removed']:.1f}% removed), "
               f"params -{100 * m['params_removed']:.1f}%; test accuracy dense {m['dense_test_acc']:.4f}, after "
               f"pruning {m['test_acc_oneshot']:.4f}, after {m['finetune_steps']} fine-tune steps "
               f"{m['test_acc']:.4f}; CPU speed-up {m['speedup']:.2f}x")
+        if "neurons" in m:
+            print(f"feed-forward neurons {m['neurons_base']} -> {m['neurons']}; MACs -{100 * m['macs_removed']:.1f}% "
+                  f"({m.get('macs_seq_len')} tokens)")
     else:
         print_table("before / after", [
             {"": "params", "dense": f"{m['params_base']:,}", "pruned": f"{m['params']:,}"},
@@ -305,6 +323,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
               [{"": "top-1 after surgery (BN re-est.)", "dense": "", "pruned": f"{m['test_acc_oneshot']:.4f}"}]),
             {"": "CPU latency b64 (ms)", "dense": f"{m['latency_ms_base']:.1f}",
              "pruned": f"{m['latency_ms']:.1f} ({m['speedup']:.2f}x)"},
+            {"": "val / test images", "dense": "", "pruned": f"{m['val_size']:,} / {m['test_size']:,}"},
         ], ["", "dense", "pruned"])
     print(f"written: {out}/{{config.json,sensitivity.json,plan.json,model.safetensors,metrics.json,report.md}}")
     return 0

@@ -14,10 +14,18 @@ from ..config import Config
 from ..pipeline import RunConfig
 from .common import UserError
 
-__all__ = ["DataOptions", "Loaded", "load_source", "TARGETS"]
+__all__ = ["DataOptions", "Loaded", "load_source", "run_defaults", "TARGETS", "TEXT_UNITS"]
 
-# target kinds each unit family accepts on the command line
-TARGETS = {"channels": ("params", "flops", "channels"), "heads": ("heads",)}
+# target kinds each unit family (or joint set of families) accepts on the command line
+TARGETS = {"channels": ("params", "flops", "channels"), "heads": ("heads",),
+           "heads,neurons": ("flops", "params", "heads")}
+# unit families pruned on a Hugging Face encoder (text data) rather than a zoo CNN
+TEXT_UNITS = ("heads", "heads,neurons")
+
+
+def run_defaults(units: str) -> RunConfig:
+    """The RunConfig defaults of ``--units`` (the pipeline's, per unit family)."""
+    return RunConfig.for_units(units)
 
 
 @dataclass
@@ -140,7 +148,7 @@ def load_text(cfg: RunConfig, progress: bool) -> Loaded:
 
 
 def load_source(cfg: RunConfig, progress: bool) -> Loaded:
-    return {"channels": load_vision, "heads": load_text}[cfg.units](cfg, progress)
+    return (load_text if cfg.units in TEXT_UNITS else load_vision)(cfg, progress)
 
 
 def save_text_base(out: Path, loaded: Loaded) -> None:

@@ -13,7 +13,7 @@ import torch
 from .. import criteria
 from ..config import SensitivityConfig
 from ..train import MEMORY_FORMATS, TrainConfig, VisionTask
-from .common import UserError, check_run_dir, clear_run_dir, config_option, print_table, write_json
+from .common import MANIFEST, UserError, check_run_dir, commit_run, config_option, print_table, run_state, write_json
 
 __all__ = ["add_parsers", "COMMANDS"]
 
@@ -126,6 +126,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("models", help="list the model zoo")
 
 
+def _check_writable(path: Path) -> None:
+    """Create ``path``'s folder and a temp file in it now: an OS error before the compute costs nothing."""
+    import os
+    import tempfile
+
+    if path.is_dir():
+        raise UserError(f"--out '{path}' is a directory: give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path.parent)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _given(args: argparse.Namespace, base: Any, names: dict[str, str]) -> Any:
     """``base`` with the options actually given (``names``: config field -> args attribute)."""
     return base.replace(**{k: getattr(args, a) for k, a in names.items() if getattr(args, a, None) is not None})
@@ -165,6 +178,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     cfg = cfg.replace(seed=args.seed)
     if cfg.method not in criteria.names(with_aliases=True):
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(criteria.names())}")
+    _check_writable(out)
     data = _load_data(args)
     model = _build_model(args.model, data, args.checkpoint)
     if args.checkpoint is None:
@@ -189,27 +203,44 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_OUTPUTS = ("config.json", "best.safetensors", "metrics.json")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train a zoo model; the run directory is committed (manifest.json) only when everything is written."""
     from hap.metrics import count_params
     from hap.train import train
+    from hap.train.checkpoint import read_checkpoint, resume_differences
 
     out = Path(args.out)
-    check_run_dir(out, args.resume, args.overwrite, resume_file="last.json")
-    if args.overwrite:
-        clear_run_dir(out)
+    task = VisionTask()
+    # every option is validated before the data is read or the directory touched
+    cfg = task.resolve(_given(args, _TRAIN[0], {f: f for f in ("epochs", "lr", "batch_size", "memory_format")})
+                       .replace(seed=args.seed))
+    if cfg.epochs == 0:
+        raise UserError("--epochs 0 trains nothing, so there is no run to write: give --epochs 1 or more "
+                        "(an untrained model needs no run: omit --checkpoint in the other commands)")
+    if args.subset is not None and args.subset < 1:
+        raise UserError(f"--subset {args.subset}: give a positive number of training images")
+    tag = {"model": args.model, "data": args.data, "data_root": args.data_root, "subset": args.subset}
+    state = check_run_dir(out, args.resume, args.overwrite)
+    resume = args.resume and state in ("unfinished", "committed")
+    if resume:
+        ck = read_checkpoint(out)
+        changed = resume_differences(ck.meta, cfg.to_dict(), tag) if ck is not None else []
+        if changed:
+            raise UserError(f"cannot resume '{out}' with other options ({'; '.join(changed)}): give the options "
+                            "it was started with, or --overwrite to start over")
     data = _load_data(args)
     torch.manual_seed(args.seed)
     model = _build_model(args.model, data, None)
-    cfg = _given(args, _TRAIN[0], {f: f for f in ("epochs", "lr", "batch_size", "memory_format")})
-    cfg = cfg.replace(seed=args.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"command": "train", "model": args.model, "data": args.data,
-                                     "data_root": args.data_root, "subset": args.subset, "train": cfg.to_dict()})
-    task = VisionTask()
-    res = train(model, data, cfg, task=task, out_dir=out, resume=args.resume, progress=not args.no_progress)
+    res = train(model, data, cfg, task=task, out_dir=out, resume=resume, progress=not args.no_progress, tag=tag)
     metrics = {"best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
-               "test_acc": task.accuracy(model, data, "test"), "params": count_params(model), "seconds": res.seconds}
-    write_json(out / "metrics.json", metrics)
+               "test_acc": task.accuracy(model, data, "test"), "params": count_params(model), "seconds": res.seconds,
+               "train_size": len(data.train), **task.split_record(data)}
+    with commit_run(out, TRAIN_OUTPUTS):
+        write_json(out / "config.json", {"command": "train", **tag, "train": cfg.to_dict()})
+        write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics))
     return 0
 
@@ -232,10 +263,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                    str(Path(args.out) / "dense"), *quiet])
     t0 = time.perf_counter()
     dense = Path(a.out)
-    if (dense / "metrics.json").is_file():
+    if run_state(dense) == "committed":
         print(f"using the dense model already trained in {dense}")
     else:
-        a.resume = (dense / "last.json").is_file()
+        a.resume = run_state(dense) == "unfinished"
         a.overwrite = not a.resume
         cmd_train(a)
     p = build_parser().parse_args([
@@ -257,31 +288,63 @@ def _load_run(run: str, base: Any):
     return load(d, base)
 
 
+def _committed(run: Path) -> list[str]:
+    """The files a finished run's manifest lists (a run of an older hap: the outputs it holds)."""
+    state = run_state(run)
+    if state != "committed":
+        raise UserError(f"'{run}' holds no finished run ({state}): give a directory written by 'hap prune'")
+    if (run / MANIFEST).is_file():
+        return list(json.loads((run / MANIFEST).read_text()).get("files", {}))
+    from .common import OUTPUT_FILES
+
+    return [f for f in OUTPUT_FILES if (run / f).is_file()]
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a pruned run further; its model, metrics, report and manifest are replaced together."""
     from ..io import save
     from ..planning import PruningPlan
+    from ..report import write_run_report
     from ..train import train
 
+    run = Path(args.run)
+    task = VisionTask()
+    cfg = task.resolve(_given(args, _FT[0], {f: f for f in ("epochs", "lr", "memory_format")}).replace(seed=args.seed))
+    if cfg.epochs == 0:
+        raise UserError("--epochs 0 fine-tunes nothing: give --epochs 1 or more")
+    files = _committed(run)
     data = _load_data(args)
     model = _load_run(args.run, _build_model(args.model, data, None))
-    plan = PruningPlan.load(Path(args.run) / "plan.json")
-    cfg = _given(args, _FT[0], {f: f for f in ("epochs", "lr", "memory_format")}).replace(seed=args.seed)
-    task = VisionTask()
+    plan = PruningPlan.load(run / "plan.json")
     res = train(model, data, cfg, task=task, progress=not args.no_progress)
-    save(model, plan, args.run)
     acc = task.accuracy(model, data, "test")
-    metrics_path = Path(args.run) / "metrics.json"
-    if metrics_path.is_file():
-        m = json.loads(metrics_path.read_text())
-        m.setdefault("extra_finetune", []).append({"epochs": cfg.epochs, "lr": cfg.lr, "test_acc": acc,
-                                                    "best_val_acc": res.best_val_acc})
-        m["test_acc"], m["val_acc"] = acc, res.best_val_acc
+    metrics_path = run / "metrics.json"
+    m = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    m.setdefault("extra_finetune", []).append({"epochs": cfg.epochs, "lr": cfg.lr, "test_acc": acc,
+                                                "best_val_acc": res.best_val_acc})
+    m["test_acc"], m["val_acc"] = acc, res.best_val_acc
+    m.update(task.split_record(data))
+    files = sorted(set(files) | {"metrics.json", "model.safetensors", "plan.json", "report.md", "sensitivity.png",
+                                 "widths.png"})
+    with commit_run(run, files):
+        save(model, plan, run)
         write_json(metrics_path, m)
+        if "params_base" in m:
+            write_run_report(run)  # the report shows the new accuracy, never the one before
     print(json.dumps({"best_val_acc": res.best_val_acc, "test_acc": acc}))
     return 0
 
 
+def _nonfinite_tensor(model: torch.nn.Module) -> str | None:
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    import sys
+
     from hap.metrics import count_macs, count_params, latency
 
     data = _load_data(args)
@@ -289,10 +352,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = _load_run(args.run, _build_model(args.model, data, None))
     else:
         model = _build_model(args.model, data, args.checkpoint)
+    bad = _nonfinite_tensor(model)
+    if bad is not None:
+        print(f"warning: the model's '{bad}' holds NaN/inf values: its outputs, and the accuracy below, mean "
+              "nothing (was the training diverging?)", file=sys.stderr)
     task = VisionTask()
     x = task.example_inputs(data)
-    res = {"acc": task.accuracy(model, data, args.split), "split": args.split, "params": count_params(model),
-           "macs": count_macs(model, x),
+    res = {"acc": task.accuracy(model, data, args.split), "split": args.split, "n": len(data.split(args.split)),
+           "params": count_params(model), "macs": count_macs(model, x),
            "latency_ms_b64": latency(model, task.latency_inputs(data, 64), repeats=15, threads=1).median_ms}
     print(json.dumps(res))
     return 0
@@ -302,8 +369,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from hap.report import write_comparison, write_run_report
 
     for r in args.runs:
-        if not (Path(r) / "metrics.json").is_file():
+        d = Path(r)
+        if not (d / "metrics.json").is_file():
             raise UserError(f"no metrics.json in '{r}': is it a 'hap prune' run directory?")
+        m = json.loads((d / "metrics.json").read_text())
+        if "params_base" not in m:
+            kind = "a training run ('hap train')" if "best_epoch" in m else "not a pruning run"
+            raise UserError(f"'{r}' is {kind}: hap report reads the run directories 'hap prune' writes")
     if len(args.runs) == 1 and args.out is None:
         print(f"written: {write_run_report(args.runs[0])}")
     else:

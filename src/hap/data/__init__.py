@@ -146,8 +146,9 @@ def load(
         val_fraction: Share of the training data held out as ``val`` (stratified, seeded). Ignored when
             an ImageFolder provides ``val/`` next to ``train/`` and ``test/``.
         seed: Fixes the validation split and the subset.
-        subset: Keep only this many training rows (seeded, stratified) and proportionally fewer
-            val and test rows: for quick runs and tests, never for reported numbers.
+        subset: Keep only this many training rows (seeded, stratified), for quick runs. The validation
+            and test splits are never shrunk: every run of a dataset is scored on the same test set, so
+            numbers from runs with different subsets (and ``hap eval``) stay comparable.
         image_size: Resize ImageFolder images to this size (ignored for the fixed-size datasets).
         test_fraction: Share of a single-tree ImageFolder held out as ``test`` (such a tree has no
             test split of its own).
@@ -177,10 +178,7 @@ def load(
     train, val, test = Split(train_x, train_y), Split(val_x, val_y), Split(test_x, test_y)
 
     if subset is not None and subset < len(train):
-        ratio = subset / len(train)
         train = _stratified_subset(train, subset, generator)
-        val = _stratified_subset(val, _scaled(len(val), ratio), generator)
-        test = _stratified_subset(test, _scaled(len(test), ratio), generator)
 
     mean, std = channel_stats(train.inputs)
     return Dataset(
@@ -195,11 +193,6 @@ def load(
         class_names=tuple(class_names),
         image_size=(int(train.inputs.shape[2]), int(train.inputs.shape[3])),
     )
-
-
-def _scaled(n: int, ratio: float) -> int:
-    # At least one row of a non-empty split, so a tiny subset can still be evaluated.
-    return min(n, max(1, round(n * ratio))) if n else 0
 
 
 def _stratified_subset(split: Split, n: int, generator: torch.Generator) -> Split:

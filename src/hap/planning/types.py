@@ -27,7 +27,7 @@ from .._utils import atomic_write_text, first_line
 from ..config import IMPLANT_KINDS
 
 __all__ = ["Target", "GroupPlan", "PruningPlan", "PlanError", "TARGET_KINDS", "input_spec", "make_inputs",
-           "pruned_share"]
+           "pruned_share", "sequence_length"]
 
 FORMAT_VERSION = 1
 TARGET_KINDS = ("params", "flops", "channels", "heads")
@@ -207,6 +207,11 @@ class PruningPlan:
         """Fraction of attention heads removed."""
         return pruned_share(self.groups, "head")
 
+    @property
+    def neurons_removed(self) -> float:
+        """Fraction of feed-forward neurons removed."""
+        return pruned_share(self.groups, "neuron")
+
     def achieved_fraction(self, kind: str | None = None) -> float:
         """The achieved value of ``kind`` (default: the target's) as a fraction removed."""
         kind = kind or self.target.kind
@@ -233,13 +238,15 @@ class PruningPlan:
             )
         shares = "".join(
             f", {k} {pruned_share(self.groups, kind):.4f}"
-            for k, kind in (("channels", "channel"), ("heads", "head"))
+            for k, kind in (("channels", "channel"), ("heads", "head"), ("neurons", "neuron"))
             if any(g.kind == kind for g in self.groups)
         )
+        tokens = sequence_length(self.inputs)
         rows.append(
             f"target {self.target}; removed params {self.params_removed:.4f}, MACs {self.macs_removed:.4f}{shares} "
             f"({self.base['params']} -> {self.achieved['params']} params, "
-            f"{self.base['macs']} -> {self.achieved['macs']} MACs per example)"
+            f"{self.base['macs']} -> {self.achieved['macs']} MACs per example"
+            + (f" of {tokens} tokens)" if tokens is not None else ")")
         )
         return "\n".join(rows)
 
@@ -322,6 +329,25 @@ class PruningPlan:
 def pruned_share(groups: Sequence[GroupPlan], kind: str) -> float:
     total = sum(g.size for g in groups if g.kind == kind)
     return sum(len(g.removed) + len(g.implanted) for g in groups if g.kind == kind) / max(1, total)
+
+
+def sequence_length(spec: Mapping[str, Any]) -> int | None:
+    """Tokens per example of a token-id input spec (``input_ids``, else the first integer ``[1, T]``
+    tensor), or ``None`` for other inputs: MACs of a transformer are only meaningful with it stated."""
+    def token_len(s: Any) -> int | None:
+        if isinstance(s, Mapping) and "shape" in s and len(s["shape"]) == 2:
+            dtype = getattr(torch, str(s.get("dtype")), None)
+            if isinstance(dtype, torch.dtype) and not dtype.is_floating_point and dtype != torch.bool:
+                return int(s["shape"][1])
+        return None
+
+    if "kwargs" in spec:
+        kw = spec["kwargs"]
+        first = token_len(kw.get("input_ids"))
+        return first if first is not None else next((t for v in kw.values() if (t := token_len(v)) is not None), None)
+    if "args" in spec:
+        return next((t for v in spec["args"] if (t := token_len(v)) is not None), None)
+    return token_len(spec)
 
 
 def input_spec(example_inputs: Any) -> dict[str, Any]:

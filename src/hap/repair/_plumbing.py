@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .._utils import call_model, eval_mode, first_line, model_device
 from ..implant import ImplantedConv
-from ..units import channel_groups, head_units
+from ..units import channel_groups, family_for_kind
 from .lsq import _CONVS
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,7 +170,8 @@ def _plan_rows(original: nn.Module, plan: Any) -> tuple[dict[str, set[int]], dic
     removed: dict[str, set[int]] = {}
     implants: dict[str, tuple[list[int], list[int]]] = {}
     channel = [g for g in plan.groups if getattr(g, "kind", "channel") == "channel" and (g.removed or g.implanted)]
-    heads = [g for g in plan.groups if getattr(g, "kind", "channel") == "head" and g.removed]
+    # heads, neurons, ...: families whose units list their own rows (no traced graph needed)
+    others = [g for g in plan.groups if getattr(g, "kind", "channel") != "channel" and g.removed]
     if channel:
         p = next(original.parameters(), None)
         with eval_mode(original):
@@ -189,14 +190,18 @@ def _plan_rows(original: nn.Module, plan: Any) -> tuple[dict[str, set[int]], dic
                 kept = sorted(r for i in g.kept for r in _unit_rows(cg.units[i], layers).get(g.name, ()))
                 imp = sorted(r for i in g.implanted for r in _unit_rows(cg.units[i], layers).get(g.name, ()))
                 implants[g.name] = (kept, imp)
-    if heads:
-        units = {(u.group, u.index): u for u in head_units(original)}
-        for g in heads:
+    if others:
+        p = next(original.parameters(), None)
+        example = plan.example_inputs(None if p is None else p.device)
+        units = {(u.group, u.index): u
+                 for kind in dict.fromkeys(g.kind for g in others)
+                 for u in family_for_kind(kind).discover(original, example)}
+        for g in others:
             for i in g.removed:
                 u = units.get((g.name, i))
                 if u is None:
                     raise ValueError(
-                        f"the plan removes head {i} of '{g.name}' that the original does not have: "
+                        f"the plan removes {g.kind} {i} of '{g.name}' that the original does not have: "
                         "pass the original the plan was made on"
                     )
                 for layer, r in _unit_rows(u, layers).items():

@@ -1,16 +1,18 @@
 """The one training loop: dense training, fine-tuning after pruning and the dense control, any task.
 
 Every row of a comparison is trained by identical code; a task (:mod:`hap.train.tasks`) supplies only
-what differs between families. A checkpoint (``last.safetensors`` weights, ``last_optim.safetensors``
-optimiser state, ``last.json`` epoch/step/history/best validation accuracy) is written atomically at the
-end of every epoch; ``resume=True`` continues from it and follows the same trajectory, because each
-epoch's order depends only on ``(seed, epoch)``. Model selection uses the validation split only, never test.
+what differs between families. A checkpoint (weights, optimiser state and the best weights so far, with
+``last.json`` holding epoch/step/history/best validation accuracy and the files' checksums) is written as
+one atomic set at the end of every epoch (:func:`hap.train.checkpoint.write_checkpoint`); ``resume=True``
+continues from it and follows the same trajectory, because each epoch's order depends only on
+``(seed, epoch)``. At the end the kept weights are written to ``best.safetensors``. Model selection uses
+the validation split only, never test.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .._utils import atomic_write_text, call_model
+from .._utils import call_model
 from ..metrics import evaluate, logits_of
-from .checkpoint import load_optimizer_tensors, load_weights, optimizer_tensors, save_tensors, save_weights
+from .checkpoint import (
+    load_optimizer_tensors,
+    load_weights,
+    optimizer_tensors,
+    read_checkpoint,
+    resume_differences,
+    save_weights,
+    write_checkpoint,
+)
 from .config import TrainConfig, TrainResult
 from .tasks import Task, VisionTask
 
@@ -44,6 +54,7 @@ def train(
     resume: bool = False,
     teacher: nn.Module | None = None,
     progress: bool = True,
+    tag: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``'s train split; keep the weights best on its val split.
 
@@ -55,11 +66,14 @@ def train(
         out_dir: Where ``last.*``/``best.safetensors`` go (None: keep in memory).
         resume: Continue from ``out_dir``'s last checkpoint.
         teacher: For knowledge distillation (``cfg.kd_alpha > 0``), e.g. the unpruned model.
-        progress: Show progress bars.
+        progress: Show progress bars (redrawn only on a terminal; a log gets one line per epoch).
+        tag: What else identifies the run (model, data), stored with each checkpoint: a resume with
+            other values is refused, naming them.
 
     Raises:
         RuntimeError: The training loss became NaN/inf (lower the learning rate).
-        ValueError: A bad option (memory format, schedule, negative epochs) or an empty train split.
+        ValueError: A bad option (memory format, schedule, negative epochs), an empty train split, or a
+            resume with changed options or from a corrupted checkpoint (the message names which).
     """
     task = task or VisionTask()
     cfg = task.resolve(cfg or TrainConfig())
@@ -73,10 +87,20 @@ def train(
     start_epoch = step = 0
     resumed_layout: str | None = None  # a resumed run keeps the layout it started with (same arithmetic)
     best_state: dict[str, torch.Tensor] | None = None
-    if resume and out is not None and (out / "last.json").is_file():
-        meta = json.loads((out / "last.json").read_text())
-        load_weights(model, out / "last.safetensors")
-        load_optimizer_tensors(opt, params, out / "last_optim.safetensors")
+    ck = read_checkpoint(out) if resume and out is not None else None
+    if ck is not None:
+        meta = ck.meta
+        changed = resume_differences(meta, cfg.to_dict(), tag)
+        if changed:
+            raise ValueError(f"cannot resume '{out}' with other options ({'; '.join(changed)}): give the options it "
+                             "was started with, or start over")
+        try:
+            load_weights(model, ck.weights)
+        except ValueError as e:
+            raise ValueError(f"the checkpoint in '{out}' holds another architecture than the model being trained: "
+                             "the run was started with other options (model, target, method); give the same "
+                             "options, or start over") from e
+        load_optimizer_tensors(opt, params, ck.optimizer)
         start_epoch = int(meta["epoch"]) + 1
         step = int(meta.get("step", start_epoch * spe))
         resumed_layout = meta.get("memory_format")
@@ -84,8 +108,8 @@ def train(
         result.best_val_acc = meta["best_val_acc"]
         result.best_epoch = int(meta["best_epoch"])
         result.best_step = meta.get("best_step")
-        if (out / "best.safetensors").is_file():
-            best_state = load_file(str(out / "best.safetensors"))
+        if ck.best.is_file():
+            best_state = load_file(str(ck.best))
     if teacher is not None:
         teacher.eval()
     t0 = time.perf_counter()
@@ -102,15 +126,15 @@ def train(
         if result.best_val_acc is None or val["acc"] > result.best_val_acc or best_state is None:
             result.best_val_acc, result.best_epoch, result.best_step = val["acc"], epoch, step
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if out is not None:
-                save_weights(model, out / "best.safetensors")
 
     for epoch in range(start_epoch, n_epochs):
         model.train()
         seen = correct = 0
         total_loss = 0.0
         steps = min(spe, total - step)
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not progress, leave=False)
+        # disable=None: a bar only on a terminal; a log file would get one redraw per update
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{n_epochs}", disable=None if progress else True,
+                   leave=False)
         for i, (x, y) in enumerate(task.train_batches(data, cfg, epoch)):
             if i >= steps:
                 break
@@ -150,12 +174,13 @@ def train(
         if task.validate_each_epoch:
             validate(epoch, row)
         if out is not None:
-            save_weights(model, out / "last.safetensors")
-            save_tensors(optimizer_tensors(opt, params), out / "last_optim.safetensors")
-            atomic_write_text(out / "last.json", json.dumps({
+            sets = {"last.safetensors": model.state_dict(), "last_optim.safetensors": optimizer_tensors(opt, params)}
+            if best_state is not None:
+                sets["best.safetensors"] = best_state
+            write_checkpoint(out, sets, {
                 "epoch": epoch, "step": step, "history": result.history, "best_val_acc": result.best_val_acc,
                 "best_epoch": result.best_epoch, "best_step": result.best_step, "config": cfg.to_dict(),
-                "memory_format": layout, "task": task.name}, indent=1))
+                "memory_format": layout, "task": task.name, **({"tag": dict(tag)} if tag is not None else {})})
         if progress:
             val = f" | val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
             tqdm.write(f"epoch {epoch + 1}/{n_epochs}: train loss {row['train_loss']:.3f} "
@@ -164,6 +189,8 @@ def train(
         model.load_state_dict(best_state)
     task.finish(model, layout)
     model.eval()
+    if out is not None:
+        save_weights(model, out / "best.safetensors")  # the kept weights: what --checkpoint takes
     if not result.history and losses:
         result.history.append({"step": step, "loss": float(sum(losses[-25:]) / len(losses[-25:]))})
     result.steps = step

@@ -79,6 +79,25 @@ class Task:
     def has_split(self, data: Any, split: str) -> bool:
         return True
 
+    def split_labels(self, data: Any, split: str) -> torch.Tensor:
+        """Every label of one split, in evaluation order (what a test-set fingerprint hashes)."""
+        ys = [torch.as_tensor(y).reshape(-1).cpu() for _, y in self.eval_batches(data, split)]
+        return torch.cat(ys) if ys else torch.empty(0, dtype=torch.int64)
+
+    def split_record(self, data: Any) -> dict[str, Any]:
+        """Sizes of the validation and test splits and a short hash of the test labels.
+
+        Two runs are comparable only when they were scored on the same test set; recording its size and
+        a fingerprint in metrics.json lets ``hap report`` refuse a comparison across different ones.
+        """
+        import hashlib
+
+        test = self.split_labels(data, "test").to(torch.int64).numpy()
+        rec: dict[str, Any] = {"test_size": int(test.size),
+                               "test_labels_sha": hashlib.sha256(test.tobytes()).hexdigest()[:12]}
+        rec["val_size"] = int(self.split_labels(data, "val").numel()) if self.has_split(data, "val") else 0
+        return rec
+
     def sensitivity_batches(self, data: Any, batch_size: int, max_batches: int, seed: int) -> Iterable[Any]:
         """The batches units are scored on."""
         raise NotImplementedError
@@ -183,6 +202,9 @@ class VisionTask(Task):
             raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {cfg.memory_format!r}")
         return cfg
 
+    def split_labels(self, data: Any, split: str) -> torch.Tensor:
+        return data.split(split).labels
+
     def _loader(self, data: Any, cfg: TrainConfig, epoch: int):
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # order depends on (seed, epoch): resumable
         return data.loader("train", cfg.batch_size, shuffle=True, augment=cfg.augment, generator=gen, drop_last=True)
@@ -275,6 +297,9 @@ class TextTask(Task):
     SCHEDULES = ("linear",)
     validate_each_epoch = False
     sensitivity_split = "score"
+
+    def split_labels(self, data: Any, split: str) -> torch.Tensor:
+        return torch.as_tensor(data.split(split)[1])
 
     def __init__(self, tokenizer: Any, max_length: int = 64, eval_batch_size: int = 64) -> None:
         self.tokenizer = tokenizer

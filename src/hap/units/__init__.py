@@ -1,8 +1,9 @@
 """Unit families: what can be pruned, found in a model and removed physically.
 
-``channels`` (Torch-Pruning dependency groups of Conv/Linear layers) and ``heads`` (attention heads of
-Hugging Face-style encoders) are registered here; a new family implements :class:`UnitFamily` and calls
-:func:`register_family` — nothing else in hap changes (the planner and surgery dispatch on the kind).
+``channels`` (Torch-Pruning dependency groups of Conv/Linear layers), ``heads`` (attention heads of
+Hugging Face-style encoders) and ``neurons`` (their feed-forward neurons) are registered here; a new
+family implements :class:`UnitFamily` and calls :func:`register_family` — nothing else in hap changes
+(the planner and surgery dispatch on the kind).
 """
 
 from .base import (
@@ -21,9 +22,11 @@ from .base import (
 )
 from .channels import ChannelFamily, ChannelGroup, channel_groups, flatten_units, remove_channels
 from .heads import HeadFamily, attention_layouts, head_units, mask_heads, prune_heads
+from .neurons import NeuronFamily, mask_neurons, mlp_layouts, neuron_units, prune_neurons
 
 register_family(ChannelFamily())
 register_family(HeadFamily())
+register_family(NeuronFamily())
 
 __all__ = [
     "FAMILIES",
@@ -48,4 +51,9 @@ __all__ = [
     "head_units",
     "mask_heads",
     "prune_heads",
+    "NeuronFamily",
+    "mlp_layouts",
+    "mask_neurons",
+    "neuron_units",
+    "prune_neurons",
 ]

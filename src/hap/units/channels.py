@@ -12,6 +12,7 @@ type, and refuse any layer type we have not checked.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -134,6 +135,8 @@ def _slices_for(
                 f"supported: exclude it with exclude=['{name}']"
             )
         return _norm_slices(module, name, idx, ROLE_OUT)
+    if isinstance(module, nn.RNNBase):
+        raise _Recurrent(f"layer '{name}' ({type(module).__name__}) is recurrent")
     if isinstance(pruner, tpf.PReLUPruner):
         w = module.weight
         return [] if w.numel() == 1 else [(f"{name}.weight", 0, idx, role)]
@@ -141,6 +144,66 @@ def _slices_for(
         f"layer '{name}' ({type(module).__name__}) sits in a channel group but hap does not know how "
         f"its parameters are sliced: exclude it with exclude=['{name}'] or wrap it in supported layers"
     )
+
+
+class _Recurrent(UnsupportedLayerError):
+    """A recurrent layer in a channel group (re-raised naming the group's layers)."""
+
+
+def _gn_block(items: Sequence[_tp.Item], name_of: Mapping[nn.Module, str]) -> int:
+    """Channels per unit of a group: 1, or the lcm of the channels per GroupNorm group of its GroupNorms.
+
+    GroupNorm normalises each group of ``C / num_groups`` channels with the group's own statistics; removing
+    some channels of a group would change what the rest are normalised with. Removing whole GroupNorm
+    groups (and lowering ``num_groups``) leaves every other group's output exactly as it was.
+    """
+    block = 1
+    for it in items:
+        m = it.module
+        if isinstance(m, nn.GroupNorm):
+            if tuple(it.idxs) != tuple(it.roots):
+                raise UnsupportedLayerError(
+                    f"GroupNorm '{name_of.get(m, m)}' sees its channels re-indexed (behind a concat or split): "
+                    f"hap cannot keep its groups whole there: exclude=['{name_of.get(m, m)}']")
+            block = math.lcm(block, m.num_channels // m.num_groups)
+    return block
+
+
+def _feeding(model: nn.Module, example_inputs: Any, recurrent: Sequence[str]) -> list[str]:
+    """Conv/Linear layers whose output tensor is the input of a recurrent layer (one traced forward)."""
+    from .._utils import call_model, eval_mode
+
+    made: dict[int, str] = {}
+    fed: set[int] = set()
+    hooks = []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear):
+            hooks.append(m.register_forward_hook(lambda _m, _i, o, n=n: made.__setitem__(id(o), n)))
+        elif n in recurrent:
+            hooks.append(m.register_forward_hook(lambda _m, i, _o: fed.add(id(i[0]))))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            call_model(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sorted(n for i, n in made.items() if i in fed)
+
+
+def _recurrent_error(model: nn.Module, name: str, keep: Sequence[str]) -> UnsupportedLayerError:
+    how = f"keep the channels feeding it whole with exclude={list(keep)}" if keep else \
+        "exclude the layers whose outputs feed it"
+    return UnsupportedLayerError(
+        f"layer '{name}' ({type(model.get_submodule(name)).__name__}) is recurrent: hap cannot slice recurrent "
+        f"weights; {how} (excluding the recurrent layer itself does not help: its input still depends on them)")
+
+
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> every name of the same tensor, for tensors two modules share."""
+    by_id: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    return {n: names for names in by_id.values() if len(names) > 1 for n in names}
 
 
 def _resolve_exclude(model: nn.Module, exclude: Sequence[str | nn.Module] | None) -> list[nn.Module]:
@@ -179,28 +242,51 @@ def channel_groups(
     """
     name_of = {m: n for n, m in model.named_modules()}
     ignored = _resolve_exclude(model, exclude)
-    dg = _tp.build_dependency_graph(model, example_inputs)
+    recurrent = [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+    # Torch-Pruning either fails on a recurrent layer or (nn.RNN) skips it and couples its input with its
+    # output consumers: the layers feeding one are found by a forward pass instead, and must stay whole
+    feeding = _feeding(model, example_inputs, recurrent) if recurrent else []
+    try:
+        dg = _tp.build_dependency_graph(model, example_inputs)
+        all_items = _tp.all_groups(dg, ignored)
+    except (IndexError, KeyError, AttributeError) as e:  # Torch-Pruning's tracer on layers it cannot follow
+        if recurrent:
+            raise _recurrent_error(model, recurrent[0], feeding) from e
+        raise
+    tied = _tied_names(model)
+    tied_roots: list[str] = []
     groups: list[ChannelGroup] = []
-    for items in _tp.all_groups(dg, ignored):
+    for items in all_items:
         root_name = name_of.get(items[0].module, str(items[0].module))
         per_unit: dict[int, dict[tuple[str, int, str], set[int]]] = {}
         producers: list[str] = []
         consumers: list[str] = []
-        for item in items:
-            module = item.module
-            if module not in name_of:
-                continue  # parameter-free functional node created by the tracer
-            mname = name_of[module]
-            has_params = any(p.requires_grad for p in module.parameters(recurse=False))
-            if has_params and isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
-                (producers if item.is_out else consumers).append(mname)
-            # item.roots: the root channel each local index belongs to; after a flatten one channel owns
-            # several input features of the next Linear
-            for local, root in zip(item.idxs, item.roots, strict=True):
-                for pname, dim, i, role in _slices_for(module, mname, item.handler, local, item.is_out):
-                    per_unit.setdefault(root, {}).setdefault((pname, dim, role), set()).add(i)
+        block = _gn_block(items, name_of)
+        try:
+            for item in items:
+                module = item.module
+                if module not in name_of:
+                    continue  # parameter-free functional node created by the tracer
+                mname = name_of[module]
+                has_params = any(p.requires_grad for p in module.parameters(recurse=False))
+                if has_params and isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+                    (producers if item.is_out else consumers).append(mname)
+                # item.roots: the root channel each local index belongs to; after a flatten one channel owns
+                # several input features of the next Linear; a GroupNorm group makes ``block`` channels one unit
+                for local, root in zip(item.idxs, item.roots, strict=True):
+                    for pname, dim, i, role in _slices_for(module, mname, item.handler, local, item.is_out):
+                        per_unit.setdefault(root // block, {}).setdefault((pname, dim, role), set()).add(i)
+        except _Recurrent:
+            raise _recurrent_error(model, recurrent[0], feeding or sorted(set(producers))) from None
+        if set(producers) & set(feeding):
+            raise _recurrent_error(model, recurrent[0], feeding)
         if not consumers and not include_output:
             continue  # nothing reads these channels: they are the model's outputs
+        if len(per_unit) < 2 and block > 1:
+            continue  # one GroupNorm group (num_groups=1) over all channels: only prunable as a whole
+        if any(p in tied for slices in per_unit.values() for (p, _, _) in slices):
+            tied_roots.append(root_name)
+            continue
         units = []
         for root in sorted(per_unit):
             slices = tuple(
@@ -209,6 +295,12 @@ def channel_groups(
             units.append(Unit(root_name, root, slices))
         if units:
             groups.append(ChannelGroup(root_name, sorted(set(producers)), sorted(set(consumers)), units))
+    if tied_roots:
+        shared = sorted({", ".join(v) for v in tied.values()})
+        raise UnsupportedLayerError(
+            f"the model has tied parameters (one tensor used by several layers: {'; '.join(shared)}), and the "
+            f"channel groups of {tied_roots} slice them: pruning one user would silently cut the other; keep "
+            f"them whole with exclude={tied_roots}")
     if not groups:
         raise ValueError(
             "the model has no prunable channel groups (no Conv/Linear layer whose outputs feed another "
@@ -218,8 +310,9 @@ def channel_groups(
 
 
 def remove_channels(model: nn.Module, removed: Mapping[str, Sequence[int]], example_inputs: Any) -> Any:
-    """Remove channels ``{group root layer: [channel, ...]}`` from ``model`` in place, with every layer
-    coupled to them (BatchNorm entries, consumers' input columns, across adds, concats and flattens).
+    """Remove units ``{group root layer: [unit, ...]}`` from ``model`` in place, with every layer coupled to
+    them (BatchNorm entries, consumers' input columns, across adds, concats and flattens). A unit is one
+    channel, or one whole GroupNorm group of channels where the group passes through a GroupNorm.
 
     Returns:
         The dependency graph, still valid for the pruned model (Torch-Pruning keeps it up to date), or
@@ -233,8 +326,17 @@ def remove_channels(model: nn.Module, removed: Mapping[str, Sequence[int]], exam
         if g not in named:
             raise ValueError(f"the plan prunes layer '{g}' that the model does not have: plan again on this model")
     dg = _tp.build_dependency_graph(model, example_inputs)
+    name_of = {m: n for n, m in named.items()}
     for g, idx in todo.items():
-        _tp.prune_out_channels(dg, named[g], idx)
+        items = _tp.group_items(dg, named[g], [0])
+        block = _gn_block(items, name_of)
+        norms = {it.module: it.module.num_channels // it.module.num_groups
+                 for it in items if isinstance(it.module, nn.GroupNorm)}
+        # a unit of a GroupNorm'd group is a whole GroupNorm group: ``block`` channels
+        channels = sorted(u * block + j for u in idx for j in range(block))
+        _tp.prune_out_channels(dg, named[g], channels)
+        for m, per_group in norms.items():  # Torch-Pruning leaves num_groups alone: fewer, equal groups
+            m.num_groups = m.num_channels // per_group
     return dg
 
 

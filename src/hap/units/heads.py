@@ -28,14 +28,14 @@ names, so the library works (and these functions raise clear errors) without it 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .._hf import eager_attention
+from ._sliced import SlicedFamily
 from .base import ROLE_IN, ROLE_OUT, ParamSlice, Unit, UnsupportedLayerError
 
 __all__ = [
@@ -426,21 +426,14 @@ def prune_heads(model: nn.Module, heads_to_remove: Mapping[str, Iterable[int]]) 
     return model
 
 
-class HeadFamily:
+class HeadFamily(SlicedFamily):
     """Attention heads of Hugging Face-style encoders (see the module docstring) as a unit family."""
 
     name = "heads"
     kind = "head"
 
-    def discover(self, model: nn.Module, example_inputs: Any = None, exclude: Sequence[str] = ()) -> list[Unit]:
-        units = head_units(model)
-        if exclude:
-            units = [u for u in units if u.group not in set(exclude)]
-        return units
+    def units_of(self, model: nn.Module) -> list[Unit]:
+        return head_units(model)
 
-    def apply(self, model: nn.Module, removed: Mapping[str, Sequence[int]], example_inputs: Any = None) -> None:
-        prune_heads(model, {g: list(ix) for g, ix in removed.items() if ix})
-
-    def estimation_context(self, model: nn.Module) -> AbstractContextManager[Any]:
-        # fused attention kernels have no second derivative on CPU: estimate with eager attention
-        return eager_attention(model)
+    def remove(self, model: nn.Module, removed: Mapping[str, list[int]]) -> None:
+        prune_heads(model, removed)
