@@ -119,7 +119,7 @@ def run_ours(model, data, name, target, alloc, seed, args):
     sens = _sens_cache(model, data, spec["method"], seed, args)
     cfg = RunConfig(target={"params": target}, sensitivity=_sens_config(spec["method"], args),
                     plan=PlanConfig(implant=spec.get("implant"), implant_fraction=0.1, allocation=alloc),
-                    finetune=_budget(args, seed), seed=seed)
+                    finetune=_budget(args, seed), seed=seed, repair=None)  # the study predates repair
     _, plan, _, m = run(model, VisionTask(), data, cfg, sens=sens, dense_test_acc=getattr(args, "dense_test_acc", None),
                         progress=not args.quiet)
     m["sens_wall_s"] = sens.wall_time_s

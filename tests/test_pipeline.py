@@ -29,7 +29,7 @@ def _model():
 CFG = RunConfig(target={"channels": 0.5}, sensitivity=SensitivityConfig(method="l1", max_batches=1),
                 plan=PlanConfig(implant=None), finetune=TrainConfig(epochs=1, lr=0.01, batch_size=16, augment=False,
                                                                     memory_format="contiguous"),
-                bn_batches=2, latency_batch=2, latency_rounds=1, latency_repeats=1, sens_batch_size=16)
+                bn_batches=2, latency_batch=2, latency_rounds=1, latency_repeats=1, sens_batch_size=16, repair=None)
 
 
 def test_run_measures_what_the_reports_read_and_restores_global_state():

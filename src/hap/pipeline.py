@@ -42,12 +42,15 @@ class RunConfig(Config):
         units: The unit family pruned: ``"channels"`` (CNNs) or ``"heads"`` (attention heads).
         target: One of ``{"params"|"flops"|"channels"|"heads": fraction removed}`` (:class:`hap.Target`).
         sensitivity: How units are scored (criterion = ``sensitivity.method``); its ``units`` and ``seed``
-            are set from this config's.
+            are set from this config's. Channels default to ``obs-greedy``: with repair it was the best
+            criterion at 50/70/85% in the post-training study (docs/posttraining.md).
         sens_batch_size: Examples per sensitivity batch (``sensitivity.max_batches`` batches are drawn).
         plan: How scores become a plan (``implant=None``: no implants).
         bn_batches: Vision: training batches of 128 used to re-estimate BatchNorm statistics after surgery.
         repair: Post-surgery compensation between surgery and fine-tune: ``"lsq"`` (:func:`hap.repair`,
-            layer-wise least squares) or ``None`` (off).
+            layer-wise least squares; the channels default: one-shot top-1 at 70% 38-62% -> 90-92%, and
+            still ahead after a 200-step fine-tune) or ``None`` (off; the heads default: after the heads'
+            fine-tune the repaired and unrepaired models tie, docs/posttraining.md).
         repair_batches: Calibration batches (of ``sens_batch_size``, drawn like the sensitivity's with the
             next seed) given to the repair.
         finetune: Training budget after pruning (its ``seed`` is set from this config's).
@@ -63,11 +66,12 @@ class RunConfig(Config):
 
     units: str = "channels"
     target: dict[str, float] = field(default_factory=lambda: {"params": 0.5})
-    sensitivity: SensitivityConfig = field(default_factory=lambda: SensitivityConfig(max_batches=8))
+    sensitivity: SensitivityConfig = field(default_factory=lambda: SensitivityConfig(method="obs-greedy",
+                                                                                    max_batches=8))
     sens_batch_size: int = 128
     plan: PlanConfig = field(default_factory=lambda: PlanConfig(implant=None))
     bn_batches: int = 40
-    repair: str | None = None
+    repair: str | None = "lsq"
     repair_batches: int = 8
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.01))
     dense: TrainConfig | None = None
@@ -96,7 +100,7 @@ class RunConfig(Config):
 def _heads_defaults() -> RunConfig:
     """Heads: the best HAP row of the heads study (docs/results.md): Fisher traces ranked layer-normalised."""
     return RunConfig(
-        units="heads", target={"heads": 0.5},
+        units="heads", target={"heads": 0.5}, repair=None,
         sensitivity=SensitivityConfig(units="heads", method="hap-fisher", max_samples=128, max_batches=16),
         sens_batch_size=32,
         plan=PlanConfig(implant=None, allocation="global", rank_by="layer_normalized"),

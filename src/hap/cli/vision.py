@@ -246,7 +246,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on packaged data: train briefly, then the whole HAP pipeline with an implant."""
+    """The main job on packaged data: train briefly, then prune half the parameters with the defaults of
+    ``hap prune`` (chosen by the post-training study, docs/posttraining.md: greedy structured-OBS choice of
+    channels, least-squares repair), fine-tune one epoch."""
     from .prune import add_prune_parser, cmd_prune
 
     def build_parser() -> argparse.ArgumentParser:  # the real parsers of both steps
@@ -271,9 +273,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cmd_train(a)
     p = build_parser().parse_args([
         "prune", "--model", "resnet20", "--data", "fashion-mnist", "--subset", str(args.subset),
-        "--checkpoint", str(dense / "best.safetensors"), "--method", "hap", "--target", "params=0.5",
-        "--implant", "pointwise", "--finetune-epochs", "1", "--out", str(Path(args.out) / "hap-params50-pointwise"),
-        "--overwrite", *quiet])
+        "--checkpoint", str(dense / "best.safetensors"), "--target", "params=0.5", "--finetune-epochs", "1",
+        "--out", str(Path(args.out) / "params50"), "--overwrite", *quiet])
     cmd_prune(p)
     print(f"demo done in {time.perf_counter() - t0:.0f} s; report: {p.out}/report.md")
     return 0
