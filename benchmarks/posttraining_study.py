@@ -261,6 +261,8 @@ def main() -> int:
     ap.add_argument("--allocations", nargs="+", default=["uniform", "global"])
     ap.add_argument("--budgets", nargs="+", default=["200 steps", "3 epochs"])
     ap.add_argument("--ft-targets", type=float, nargs="+", default=[0.7], help="targets of the fine-tune stage")
+    ap.add_argument("--ft-allocations", nargs="+", default=["uniform"],
+                    help="allocations whose best rows the fine-tune stage trains (uniform: the default)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only rewrite docs/posttraining.md")
     ap.add_argument("--quiet", action="store_true")
@@ -280,12 +282,12 @@ def main() -> int:
                 print(f"{path.stem}: bn {m['bn_val']:.4f} repair {m['repair_val']:.4f} repair+bn "
                       f"{m['repair_bn_val']:.4f} (val) in {m['seconds']:.0f} s", flush=True)
         if args.stage in ("finetune", "all"):
-            for t in args.ft_targets:
+            for t, ft_alloc in [(t, a) for t in args.ft_targets for a in args.ft_allocations]:
                 for budget in args.budgets:
                     for mode, key in (("repair", "repair_val"), ("bn", "bn_val")):
                         if budget == "3 epochs" and mode == "bn":
                             continue  # the BN-only 3-epoch rows are the vision study's (docs/results.md)
-                        best = best_rows(t, key, alloc="uniform")  # the default allocation
+                        best = best_rows(t, key, alloc=ft_alloc)
                         if best is None:
                             continue
                         for s in args.seeds:
