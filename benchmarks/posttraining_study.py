@@ -263,6 +263,7 @@ def main() -> int:
     ap.add_argument("--ft-targets", type=float, nargs="+", default=[0.7], help="targets of the fine-tune stage")
     ap.add_argument("--ft-allocations", nargs="+", default=["uniform"],
                     help="allocations whose best rows the fine-tune stage trains (uniform: the default)")
+    ap.add_argument("--rows", nargs="+", default=None, help="one-shot stage: only these row names (e.g. the hybrid)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only rewrite docs/posttraining.md")
     ap.add_argument("--quiet", action="store_true")
@@ -274,6 +275,8 @@ def main() -> int:
         dense_acc = {"val": acc(model, data, "val"), "test": acc(model, data, "test")}
         if args.stage in ("oneshot", "all"):
             for row, alloc, t, s in oneshot_rows(args):
+                if args.rows and row not in args.rows:
+                    continue
                 path = STUDY / "oneshot" / f"{row}_{alloc}_p{int(round(100 * t))}_s{s}.json"
                 if path.is_file():
                     continue

@@ -14,10 +14,12 @@ surgery (:mod:`hap.surgery`, :mod:`hap.implant`) -> save/load (:mod:`hap.io`).
 from . import criteria, units
 from ._hf import eager_attention  # noqa: E402,I001  (kept after the units: re-exported for users)
 from ._utils import model_signature
+from .bench import BenchResult, bench
 from .config import PlanConfig, SensitivityConfig
 from .criteria import register_criterion
 from .criteria.michel import michel_scores
 from .estimate import TraceEstimate, estimate_traces
+from .export import export
 from .implant import ImplantedConv, calibrate
 from .io import load, save
 from .metrics import ModelCost, count_macs, count_params, latency, measure
@@ -84,6 +86,9 @@ __all__ = [
     "prune",
     "repair",
     "RepairReport",
+    "bench",
+    "BenchResult",
+    "export",
 ]
 
 __version__ = "0.1.0"

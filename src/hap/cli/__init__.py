@@ -22,6 +22,7 @@ __all__ = ["main", "build_parser", "UserError"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .deploy import add_deploy_parsers
     from .prune import add_heads_parser, add_prune_parser
     from .vision import add_parsers
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub)
     add_prune_parser(sub)
     add_heads_parser(sub)
+    add_deploy_parsers(sub)
     for p in sub.choices.values():
         if not any("--threads" in a.option_strings for a in p._actions):
             p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -40,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .._utils import first_line, threads
     from .common import os_error_line
+    from .deploy import COMMANDS as DEPLOY
     from .prune import cmd_prune
     from .vision import COMMANDS
 
-    commands = {**COMMANDS, "prune": cmd_prune, "heads": cmd_prune}
+    commands = {**COMMANDS, "prune": cmd_prune, "heads": cmd_prune, **DEPLOY}
     args = build_parser().parse_args(argv)
     if args.threads is not None and args.threads < 1:
         print(f"hap {args.command}: error: --threads {args.threads}: give at least 1", file=sys.stderr)

@@ -31,7 +31,8 @@ MANIFEST = "manifest.json"  # written last: a run directory holding it is a fini
 _PENDING = ".commit-pending"  # exists only while a commit is being written
 # the outputs a committed run may hold (train: config, best, metrics; prune: the rest too)
 OUTPUT_FILES = ("config.json", "best.safetensors", "metrics.json", "sensitivity.json", "plan.json",
-                "model.safetensors", "report.md", "sensitivity.png", "widths.png", "heads.png")
+                "model.safetensors", "report.md", "sensitivity.png", "widths.png", "heads.png",
+                "bench.json", "model.onnx", "model.pt2")  # the last three: written later by hap bench / export
 CHECKPOINT_POINTERS = ("last.json", "finetune/last.json")  # an unfinished run can be resumed from these
 # what a run directory may hold besides its outputs: checkpoints, and the files of older hap versions
 RUN_FILES = (*OUTPUT_FILES, MANIFEST, _PENDING, "last.json", "last.safetensors", "last_optim.safetensors",
