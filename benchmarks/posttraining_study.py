@@ -201,10 +201,18 @@ def report(args) -> str:
                           _ms([m["repair_bn_test"] for m in ms])]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
-    secs = [m["repair_s"] for m in rows]
-    mbs = [m["repair_peak_mb"] for m in rows]
-    lines += [f"Repair time: median {np.median(secs):.1f} s (max {max(secs):.1f} s) per model; peak memory "
-              f"added (RSS growth, a lower bound) median {np.median(mbs):.0f} MB, max {max(mbs):.0f} MB.", ""]
+    for alloc in ("uniform", "global"):
+        sub = [m for m in rows if m["alloc"] == alloc]
+        if not sub:
+            continue
+        secs = [m["repair_s"] for m in sub]
+        mbs = [m["repair_peak_mb"] for m in sub if m["repair_peak_mb"] > 0]
+        mem = (f"; resident memory added median {np.median(mbs):.0f} MB (max {max(mbs):.0f} MB)" if mbs else "")
+        lines.append(f"Repair time, {alloc} rows: median {np.median(secs):.1f} s (max {max(secs):.1f} s) per "
+                     f"model{mem}.")
+    lines += ["(Rows were run with 2-4 CPU-bound jobs sharing the 2 cores, so times vary with the load; the first "
+              "rows measured memory as growth of the process's lifetime peak, which reads 0 after the first call "
+              "and is left out; later rows sample resident memory during the call.)", ""]
     lines += ["### Goals (one-shot, the row chosen on validation, test top-1 vs dense)", ""]
     for t in targets:
         best = best_rows(t, "repair_val")
