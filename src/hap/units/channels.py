@@ -173,21 +173,22 @@ def _feeding(model: nn.Module, example_inputs: Any, recurrent: Sequence[str]) ->
     """Conv/Linear layers whose output tensor is the input of a recurrent layer (one traced forward)."""
     from .._utils import call_model, eval_mode
 
-    made: dict[int, str] = {}
-    fed: set[int] = set()
+    # the tensors themselves are kept (not their ids): a freed tensor's id is reused by a later one
+    made: list[tuple[torch.Tensor, str]] = []
+    fed: list[torch.Tensor] = []
     hooks = []
     for n, m in model.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd | nn.Linear):
-            hooks.append(m.register_forward_hook(lambda _m, _i, o, n=n: made.__setitem__(id(o), n)))
+            hooks.append(m.register_forward_hook(lambda _m, _i, o, n=n: made.append((o, n))))
         elif n in recurrent:
-            hooks.append(m.register_forward_hook(lambda _m, i, _o: fed.add(id(i[0]))))
+            hooks.append(m.register_forward_hook(lambda _m, i, _o: fed.append(i[0])))
     try:
         with torch.no_grad(), eval_mode(model):
             call_model(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
-    return sorted(n for i, n in made.items() if i in fed)
+    return sorted({n for o, n in made if any(o is f for f in fed)})
 
 
 def _recurrent_error(model: nn.Module, name: str, keep: Sequence[str]) -> UnsupportedLayerError:
