@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,40 @@ def results_table(out: Path, args: argparse.Namespace, dense: dict[str, Any], da
     return "\n".join(lines)
 
 
+def run_rows(rows: list[tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]], out: Path,
+             max_runs: int | None, done: Callable[[dict[str, Any]], None]) -> int:
+    """Run, in order, every ``(name, record, fn)`` whose ``out/runs/name.json`` does not exist yet.
+
+    Each result gets ``record`` merged in and is written atomically, so an interrupted study resumes at the
+    first missing row; a row that raises is reported and skipped (one broken row must not stop a study that
+    spans sessions). ``done(metrics)`` follows every finished row (e.g. to rewrite the results table).
+    Shared by the heads study and the heads post-training study.
+
+    Returns:
+        How many rows were run.
+    """
+    new = 0
+    for name, record, fn in rows:
+        path = out / "runs" / f"{name}.json"
+        if path.is_file():
+            continue
+        if max_runs is not None and new >= max_runs:
+            break
+        print(f"[{time.strftime('%H:%M:%S')}] run {name}", flush=True)
+        torch.manual_seed(int(record.get("seed", 0)))
+        try:
+            m = fn()
+        except Exception:
+            traceback.print_exc()
+            sys.stdout.flush()
+            continue
+        m.update(record)
+        atomic_write_text(path, json.dumps(m, indent=1, default=float))
+        new += 1
+        done(m)
+    return new
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny subset end to end (minutes); not written to docs")
@@ -259,30 +294,21 @@ def main(argv: list[str] | None = None) -> int:
     model, tok, dense = dense_model(args, out, data)
     print(f"dense MiniLM: test accuracy {100 * dense['test_acc']:.2f}% ({data.sizes()['test']} tweets)", flush=True)
     target_doc = out / "results.md" if args.smoke else DOCS
-    new = 0
-    for method, target, seed in grid(args.seeds, args.targets, args.methods):
-        name = run_name(method, target, seed)
-        path = out / "runs" / f"{name}.json"
-        if path.is_file():
-            continue
-        if args.max_runs is not None and new >= args.max_runs:
-            break
-        print(f"[{time.strftime('%H:%M:%S')}] run {name}", flush=True)
-        torch.manual_seed(seed)
-        try:
-            if method == "control":
-                m = run_control(model, tok, data, seed, args)
-            else:
-                m = run_pruned(model, tok, data, method, target, seed, args, out, dense["test_acc"])
-        except Exception:  # record and go on: one broken row must not stop a study across sessions
-            traceback.print_exc()
-            continue
-        m.update(method=method, target=target, seed=seed, dense_test_acc=dense["test_acc"], n_test=data.sizes()["test"])
-        atomic_write_text(path, json.dumps(m, indent=1, default=float))
-        new += 1
+    def done(m: dict[str, Any]) -> None:
         oneshot = f"after pruning {m['test_acc_oneshot']:.4f}, " if "test_acc_oneshot" in m else ""
         print(f"    test accuracy {oneshot}after fine-tune {m['test_acc']:.4f} ({m['total_s']:.0f} s)", flush=True)
         replace_marked_block(target_doc, results_table(out, args, dense, data), MARKER)
+
+    def row(method: str, target: float | None, seed: int) -> Callable[[], dict[str, Any]]:
+        if method == "control":
+            return lambda: run_control(model, tok, data, seed, args)
+        return lambda: run_pruned(model, tok, data, method, target, seed, args, out, dense["test_acc"])
+
+    rows = [(run_name(method, target, seed),
+             {"method": method, "target": target, "seed": seed, "dense_test_acc": dense["test_acc"],
+              "n_test": data.sizes()["test"]}, row(method, target, seed))
+            for method, target, seed in grid(args.seeds, args.targets, args.methods)]
+    run_rows(rows, out, args.max_runs, done)
     replace_marked_block(target_doc, results_table(out, args, dense, data), MARKER)
     print(f"written: {target_doc} ({(time.perf_counter() - t_start) / 60:.1f} min this session)")
     return 0

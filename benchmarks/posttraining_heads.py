@@ -30,8 +30,7 @@ import os
 import shutil
 import sys
 import time
-import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from hap.config import PlanConfig  # noqa: E402
 from hap.pipeline import run  # noqa: E402
 from hap.text import load_text_data  # noqa: E402
 from hap.train import TextTask  # noqa: E402
-from heads_study import LN, _ft, _mean_se, _run_config, dense_model, run_control, sens_cached  # noqa: E402
+from heads_study import LN, _ft, _mean_se, _run_config, dense_model, run_control, run_rows, sens_cached  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "posttraining.md"
 MARKER = "<!-- posttraining-heads -->"  # benchmarks/posttraining_study.py writes <!-- posttraining-vision -->
@@ -318,34 +317,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dense MiniLM: test accuracy {100 * dense['test_acc']:.2f}% ({data.sizes()['test']} tweets), "
           f"splits {data.sizes()}", flush=True)
     target_doc = out / "posttraining.md" if args.smoke else DOCS
-    new = 0
-    for method, target, repair, seed in grid(args.seeds, args.targets, args.methods):
-        name = run_name(method, target, repair, seed)
-        path = out / "runs" / f"{name}.json"
-        if path.is_file():
-            continue
-        if args.max_runs is not None and new >= args.max_runs:
-            break
-        print(f"[{time.strftime('%H:%M:%S')}] run {name}", flush=True)
-        torch.manual_seed(seed)
-        try:
-            if method == "control":
-                m = run_control(model, tok, data, seed, args)
-            else:
-                m = run_row(model, tok, data, method, target, repair, seed, args, out, dense["test_acc"])
-        except Exception:  # record and go on: one broken row must not stop a study across sessions
-            traceback.print_exc()
-            sys.stdout.flush()
-            continue
-        m.update(method=method, target=target, repair=repair, seed=seed, dense_test_acc=dense["test_acc"],
-                 n_test=data.sizes()["test"])
-        atomic_write_text(path, json.dumps(m, indent=1, default=float))
-        new += 1
+    def done(m: dict[str, Any]) -> None:
         oneshot = f"one-shot {m['test_acc_oneshot']:.4f}, " if "test_acc_oneshot" in m else ""
         rep = f", repair {m['repair_s']:.1f} s" if m.get("repair_s") is not None else ""
         print(f"    test accuracy {oneshot}after {args.ft_steps} steps {m['test_acc']:.4f} "
               f"({m['total_s']:.0f} s{rep})", flush=True)
         replace_marked_block(target_doc, results_table(out, args, dense, data), MARKER)
+
+    def row(method: str, target: float | None, repair: str | None, seed: int) -> Callable[[], dict[str, Any]]:
+        if method == "control":
+            return lambda: run_control(model, tok, data, seed, args)
+        return lambda: run_row(model, tok, data, method, target, repair, seed, args, out, dense["test_acc"])
+
+    rows = [(run_name(method, target, repair, seed),
+             {"method": method, "target": target, "repair": repair, "seed": seed, "dense_test_acc": dense["test_acc"],
+              "n_test": data.sizes()["test"]}, row(method, target, repair, seed))
+            for method, target, repair, seed in grid(args.seeds, args.targets, args.methods)]
+    run_rows(rows, out, args.max_runs, done)
     replace_marked_block(target_doc, results_table(out, args, dense, data), MARKER)
     print(f"written: {target_doc} ({(time.perf_counter() - t_start) / 60:.1f} min this session)", flush=True)
     return 0

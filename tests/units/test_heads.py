@@ -22,15 +22,6 @@ from hap.units.heads import HeadlessAttention, attention_layouts, head_gates, he
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: intra-op threads only add contention on a shared 2-core machine, which
-    # made one Hessian-vector product 100x slower (0.3 s instead of 3 ms).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_model(arch: str, seed: int = 0) -> nn.Module:
     """A 2-layer, 4-head, width-16 classifier in float64, eval mode; large init so heads matter."""

@@ -22,13 +22,6 @@ transformers = pytest.importorskip("transformers")
 ARCHS = ("bert", "roberta", "distilbert")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_model(arch: str, seed: int = 0, inter: int = 32) -> nn.Module:
     """2 layers, 4 heads, width 16, ``inter`` neurons per block, float64, eval mode."""
