@@ -7,10 +7,26 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .._hf import eager_attention
 from .base import Unit
+
+
+def keep_linear(lin: nn.Linear, idx: torch.Tensor, dim: int, outputs: bool) -> None:
+    """Keep entries ``idx`` along weight dim ``dim`` of ``lin``, in place (the module object, its hooks
+    and its name stay); ``outputs``: they are the layer's outputs, so its bias is sliced too."""
+    with torch.no_grad():
+        w = lin.weight
+        lin.weight = nn.Parameter(w.index_select(dim, idx.to(w.device)).clone(), requires_grad=w.requires_grad)
+        if outputs:
+            if lin.bias is not None:
+                b = lin.bias
+                lin.bias = nn.Parameter(b.index_select(0, idx.to(b.device)).clone(), requires_grad=b.requires_grad)
+            lin.out_features = len(idx)
+        else:
+            lin.in_features = len(idx)
 
 
 class SlicedFamily:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._sliced import SlicedFamily
+from ._sliced import SlicedFamily, keep_linear
 from .base import ROLE_IN, ROLE_OUT, ParamSlice, Unit, UnsupportedLayerError
 
 __all__ = [
@@ -350,21 +350,6 @@ class HeadlessAttention(nn.Module):
         return out, None
 
 
-def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> None:
-    """Keep entries ``idx`` of ``lin``'s outputs (``dim=0``) or inputs (``dim=1``), in place: hooks
-    registered on the layer stay."""
-    with torch.no_grad():
-        w = lin.weight
-        lin.weight = nn.Parameter(w.index_select(dim, idx.to(w.device)).clone(), requires_grad=w.requires_grad)
-        if dim == 0:
-            if lin.bias is not None:
-                b = lin.bias
-                lin.bias = nn.Parameter(b.index_select(0, idx.to(b.device)).clone(), requires_grad=b.requires_grad)
-            lin.out_features = len(idx)
-        else:
-            lin.in_features = len(idx)
-
-
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -405,8 +390,8 @@ def prune_heads(model: nn.Module, heads_to_remove: Mapping[str, Iterable[int]]) 
             )
         idx = lay.head_indices(keep)
         for proj in (lay.query, lay.key, lay.value):
-            _slice_linear(named[proj], idx, 0)
-        _slice_linear(named[lay.output], idx, 1)
+            keep_linear(named[proj], idx, 0, True)
+        keep_linear(named[lay.output], idx, 1, False)
         core = named[lay.core]
         if keep:
             for attr in _COUNT_ATTRS:

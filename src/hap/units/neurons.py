@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._sliced import SlicedFamily
+from ._sliced import SlicedFamily, keep_linear
 from .base import ROLE_IN, ROLE_OUT, ParamSlice, Unit, UnsupportedLayerError
 
 __all__ = ["MLPAdapter", "MLPLayout", "ADAPTERS", "mlp_layouts", "neuron_units", "mask_neurons",
@@ -206,21 +206,6 @@ def _zero_hook(gate: torch.Tensor) -> Callable[..., tuple[Any, ...]]:
     return hook
 
 
-def _keep_along(lin: nn.Linear, idx: torch.Tensor, dim: int, outputs: bool) -> None:
-    """Keep entries ``idx`` along weight dim ``dim`` of ``lin``, in place (the module object, its hooks
-    and its name stay); ``outputs``: they are the layer's outputs, so its bias is sliced too."""
-    with torch.no_grad():
-        w = lin.weight
-        lin.weight = nn.Parameter(w.index_select(dim, idx.to(w.device)).clone(), requires_grad=w.requires_grad)
-        if outputs:
-            if lin.bias is not None:
-                b = lin.bias
-                lin.bias = nn.Parameter(b.index_select(0, idx.to(b.device)).clone(), requires_grad=b.requires_grad)
-            lin.out_features = len(idx)
-        else:
-            lin.in_features = len(idx)
-
-
 def prune_neurons(model: nn.Module, neurons_to_remove: Mapping[str, Iterable[int]]) -> nn.Module:
     """Physically remove feed-forward neurons, in place, and return ``model``.
 
@@ -243,8 +228,8 @@ def prune_neurons(model: nn.Module, neurons_to_remove: Mapping[str, Iterable[int
         gone = set(remove)
         idx = torch.tensor([i for i in range(lay.width) if i not in gone], dtype=torch.long)
         for up in lay.up:
-            _keep_along(named[up], idx, lay.adapter.up_dim, True)  # type: ignore[arg-type]
-        _keep_along(named[lay.down], idx, lay.adapter.down_dim, False)  # type: ignore[arg-type]
+            keep_linear(named[up], idx, lay.adapter.up_dim, True)  # type: ignore[arg-type]
+        keep_linear(named[lay.down], idx, lay.adapter.down_dim, False)  # type: ignore[arg-type]
     return model
 
 
