@@ -29,7 +29,7 @@ def _mlp(width: int) -> nn.Module:
 
 def test_fields_speedup_from_medians_and_threads_restored():
     before = torch.get_num_threads()
-    small, big, x = _mlp(8), _mlp(512), torch.randn(2, 1, 8, 8)
+    small, big, x = _mlp(8), _mlp(4096), torch.randn(2, 1, 8, 8)
     res = hb.bench(small, x, baseline=big, batch_sizes=(1, 16), threads=1, repeats=5, warmup=1, min_round_s=0.002)
     assert torch.get_num_threads() == before
     assert res.threads == 1 and res.batch_sizes == [1, 16] and res.repeats == 5
@@ -39,7 +39,7 @@ def test_fields_speedup_from_medians_and_threads_restored():
         assert p.median_ms == pytest.approx(statistics.median(p.rounds_ms)) and p.iqr_ms >= 0
         assert res.speedup[b] == pytest.approx(d.median_ms / p.median_ms)
         assert p.items_per_s == pytest.approx(b / (p.median_ms / 1e3))
-    assert res.speedup[16] > 1  # 64x narrower hidden layer
+    assert res.speedup[16] > 1  # 512x narrower hidden layer: a gap far above any load-induced noise
     assert set(res.peak_bytes) == {"pruned", "baseline"} and res.peak_bytes["baseline"] > res.peak_bytes["pruned"] > 0
     d = json.loads(res.to_json())
     assert set(d["pruned"]) == {"1", "16"} and d["speedup"]["16"] == res.speedup[16] and "torch.profiler" in \
@@ -104,6 +104,35 @@ def test_cli_bench_writes_json_and_speed_section_twice(runs, capsys):
     files = json.loads((run / "manifest.json").read_text())["files"]
     assert files["report.md"] == sha256_file(run / "report.md") and files["bench.json"] == sha256_file(
         run / "bench.json")
+
+
+def test_channels_last_and_fold_bn_are_timed_and_recorded(monkeypatch):
+    model = zoo.create("resnet20", num_classes=10, in_channels=3).eval()  # C > 1: NHWC differs from NCHW
+    seen = []
+    real = hb.call_model
+
+    def spy(m, x):
+        seen.append((x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                     sum(isinstance(b, nn.BatchNorm2d) for b in m.modules())))
+        return real(m, x)
+
+    monkeypatch.setattr(hb, "call_model", spy)
+    res = hb.bench(model, torch.randn(1, 3, 8, 8), baseline=model, batch_sizes=(2,), repeats=1, min_round_s=0.001,
+                   memory=False, channels_last=True, fold_bn=True)
+    assert seen and all(nhwc and bns == 0 for nhwc, bns in seen)
+    assert sum(isinstance(b, nn.BatchNorm2d) for b in model.modules()) > 0  # the caller's model untouched
+    assert res.channels_last and res.fold_bn and "channels_last (NHWC)" in res.markdown()
+    again = hb.BenchResult.from_dict(json.loads(res.to_json()))
+    assert again == res
+    with pytest.raises(ValueError, match="not a hap bench result"):
+        hb.BenchResult.from_dict({"threads": 1})
+
+
+def test_cli_bench_fold_bn_channels_last(runs):
+    run = runs / "pruned"
+    assert main(["bench", str(run), "--batch-sizes", "2", "--repeats", "1", "--fold-bn", "--channels-last"]) == 0
+    b = json.loads((run / "bench.json").read_text())
+    assert b["fold_bn"] is True and b["channels_last"] is True
 
 
 def test_cli_export_writes_a_checked_file(runs, tmp_path, capsys):

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 import hap
 import hap.models as zoo
 from hap.implant import ImplantedConv, implant_params
+from hap.latency_table import predict_ms
 from hap.models.tiny import TinyConcatDepthwise
 from hap.models.vgg import VGG, VGG16_CONFIG
 from hap.planning import GroupPlan, PlanError, PruningPlan, Target
 
+from ._latency_helpers import synthetic_for, tiny
 from ._plan_helpers import example, randomize, scores  # noqa: F401
 
 
@@ -394,3 +396,44 @@ def test_rank_by_layer_normalized_spreads_pruning_like_michel():
         ranked = sorted(by_group[g.name], key=lambda u: (u.score, u.index))
         assert sorted(g.removed) == sorted(u.index for u in ranked[: len(g.removed)])
     assert norm.settings["rank_by"] == "layer_normalized"
+
+
+# -- latency targets and round_to="auto" (synthetic latency tables: tests/_latency_helpers.py) ------------------
+
+
+def test_latency_target_met_by_its_prediction_and_unmeetable_target_says_so():
+    model, x, sens = tiny()
+    table = synthetic_for(model, x)
+    plan = hap.plan(model, sens, hap.Target(latency=0.5), implant=None, example_inputs=x[:1], latency_table=table,
+                    tol=0.03)
+    lat = plan.settings["latency"]
+    assert abs(plan.achieved_fraction() - 0.5) <= 0.03
+    small = hap.prune(model, plan)
+    assert predict_ms(table, model, small, x[:1]) == pytest.approx(lat["predicted_ms"])
+    assert predict_ms(table, model, model, x[:1]) == pytest.approx(lat["dense_ms"])
+    assert plan.to_json() and hap.PruningPlan.from_json(plan.to_json()).target == hap.Target(latency=0.5)
+    implanted = hap.plan(model, sens, hap.Target(latency=0.4), implant="pointwise", implant_fraction=0.25,
+                         example_inputs=x[:1], latency_table=table, tol=0.03)
+    small = hap.prune(model, implanted)
+    assert any(isinstance(m, ImplantedConv) for m in small.modules())
+    assert predict_ms(table, model, small, x[:1]) == pytest.approx(implanted.settings["latency"]["predicted_ms"])
+    assert abs(implanted.achieved_fraction() - 0.4) <= 0.03
+    with pytest.raises(hap.PlanError) as e:
+        hap.plan(model, sens, hap.Target(latency=0.9), implant=None, example_inputs=x[:1], latency_table=table,
+                 max_layer_ratio=0.5)
+    msg = str(e.value)
+    assert "\n" not in msg and "latency=0.9 is unreachable" in msg and "removes only 0." in msg
+
+
+def test_round_to_auto_records_the_chosen_multiple():
+    model, x, sens = tiny()
+    table = synthetic_for(model, x)
+    for e in table.layers.values():  # a staircase at multiples of 4 in every layer
+        e.sweep_widths = list(range(max(1, e.out_full // 2), e.out_full + 1))
+        e.sweep_ms = [float(math.ceil(w / 4)) for w in e.sweep_widths]
+    plan = hap.plan(model, sens, hap.Target(params=0.4), implant=None, example_inputs=x[:1], round_to="auto",
+                    latency_table=table, tol=0.1)
+    assert plan.settings["round_to"] == 4 and plan.settings["round_to_auto"]["chosen"] == 4
+    assert all((len(g.kept) + len(g.implanted)) % 4 == 0 or not g.removed for g in plan.groups)
+    with pytest.raises(ValueError, match="round_to must be an integer >= 1, got 'fast'"):
+        hap.plan(model, sens, hap.Target(params=0.4), example_inputs=x[:1], round_to="fast")

@@ -1,10 +1,18 @@
-"""The report writer draws on its own Agg canvases: importing it or plotting changes no global backend."""
+"""The report writer draws on its own Agg canvases: importing it or plotting changes no global backend;
+a regenerated report.md keeps the Speed section of the run's bench.json."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import subprocess
 import sys
+
+import torch
+import torch.nn as nn
+
+import hap.report
 
 
 def test_import_and_plot_keep_matplotlib_backend(tmp_path):
@@ -23,3 +31,26 @@ def test_import_and_plot_keep_matplotlib_backend(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "svg"
+
+
+def _metrics() -> dict:
+    return {"params_base": 100, "params": 50, "params_removed": 0.5, "macs_base": 1000, "macs": 400,
+            "macs_removed": 0.6, "test_acc_oneshot": 0.5, "latency_ms_base": 2.0, "latency_ms": 1.0, "speedup": 2.0,
+            "config": {"method": "l1", "target": {"params": 0.5}, "allocation": "uniform", "implant": None}}
+
+
+def test_regenerated_report_keeps_the_speed_section(tmp_path):
+    hb = importlib.import_module("hap.bench")
+    (tmp_path / "metrics.json").write_text(json.dumps(_metrics()))
+    assert "## Speed" not in hap.report.write_run_report(tmp_path).read_text()  # no bench.json: no section
+    small, big = nn.Linear(8, 2), nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 2))
+    res = hb.bench(small, torch.randn(1, 8), baseline=big, batch_sizes=(1, 4), repeats=2, min_round_s=0.001,
+                   memory=False)
+    (tmp_path / "bench.json").write_text(json.dumps(res.to_dict() | {"run": str(tmp_path), "baseline_path": "x"}))
+    for _ in range(2):  # regenerating twice gives one section, the measured one
+        text = hap.report.write_run_report(tmp_path).read_text()
+        assert text.count("## Speed") == 1 and res.markdown().strip() in text
+        assert f"{res.speedup[4]:.2f}x" in text
+    (tmp_path / "bench.json").write_text("{not json")
+    text = hap.report.write_run_report(tmp_path).read_text()
+    assert "bench.json could not be read" in text and "rerun 'hap bench'" in text

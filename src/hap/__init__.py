@@ -20,6 +20,8 @@ from .criteria import register_criterion
 from .criteria.michel import michel_scores
 from .estimate import TraceEstimate, estimate_traces
 from .export import export
+from .fold import fold_batchnorm
+from .hf_export import save_pretrained
 from .implant import ImplantedConv, calibrate
 from .io import load, save
 from .metrics import ModelCost, count_macs, count_params, latency, measure
@@ -73,6 +75,7 @@ __all__ = [
     "calibrate",
     "load",
     "save",
+    "save_pretrained",
     "ModelCost",
     "count_macs",
     "count_params",
@@ -89,6 +92,7 @@ __all__ = [
     "bench",
     "BenchResult",
     "export",
+    "fold_batchnorm",
 ]
 
 __version__ = "0.1.0"

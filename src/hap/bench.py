@@ -29,7 +29,7 @@ import torch.nn as nn
 from ._utils import call_model, eval_mode
 from ._utils import threads as threads_ctx
 
-__all__ = ["bench", "BenchResult", "Timing", "peak_forward_bytes", "with_batch"]
+__all__ = ["bench", "BenchResult", "Timing", "peak_forward_bytes", "with_batch", "to_channels_last"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +76,8 @@ class BenchResult:
         torch_version: ``torch.__version__``.
         repeats: Rounds per model and batch size.
         warmup: Untimed calls per model and batch size before the rounds.
+        channels_last: Both models and 4-D inputs were timed in ``torch.channels_last`` (NHWC) layout.
+        fold_bn: Both models were timed with their BatchNorms folded (:func:`hap.fold_batchnorm`).
     """
 
     threads: int
@@ -88,6 +90,8 @@ class BenchResult:
     torch_version: str
     repeats: int
     warmup: int
+    channels_last: bool = False
+    fold_bn: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (batch sizes become string keys, as JSON requires)."""
@@ -98,6 +102,27 @@ class BenchResult:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchResult:
+        """Inverse of :meth:`to_dict` (extra keys such as ``run`` in a ``bench.json`` are ignored).
+
+        Raises:
+            ValueError: ``d`` is not a bench result (a key is missing or malformed).
+        """
+        try:
+            def timings(x: dict[str, Any]) -> dict[int, Timing]:
+                return {int(b): Timing(**{f.name: t[f.name] for f in dataclasses.fields(Timing)}) for b, t in x.items()}
+
+            return cls(threads=int(d["threads"]), batch_sizes=[int(b) for b in d["batch_sizes"]],
+                       pruned=timings(d["pruned"]), baseline=timings(d.get("baseline") or {}),
+                       speedup={int(b): float(v) for b, v in (d.get("speedup") or {}).items()},
+                       peak_bytes={str(k): int(v) for k, v in (d.get("peak_bytes") or {}).items()},
+                       memory_method=str(d.get("memory_method", "not measured")),
+                       torch_version=str(d["torch_version"]), repeats=int(d["repeats"]), warmup=int(d["warmup"]),
+                       channels_last=bool(d.get("channels_last", False)), fold_bn=bool(d.get("fold_bn", False)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"not a hap bench result ({type(e).__name__}: {e}): rerun 'hap bench'") from e
 
     def markdown(self) -> str:
         """The "Speed" section of a run's report.md: a table per batch size, the conditions stated."""
@@ -114,9 +139,12 @@ class BenchResult:
             rows.append(row)
         mem = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.peak_bytes.items())
         how = "alternating rounds of both models, " if base else ""
+        layout = "".join([", channels_last (NHWC) layout" if self.channels_last else "",
+                          ", BatchNorm folded into the convolutions" if self.fold_bn else ""])
         return "\n".join([
             "## Speed", "",
-            f"CPU, {self.threads} thread(s), torch {self.torch_version}; {how}{self.repeats} rounds per model and "
+            f"CPU, {self.threads} thread(s), torch {self.torch_version}{layout}; {how}{self.repeats} rounds per model "
+            "and "
             "batch size (torch.utils.benchmark Timer, each round after 2 untimed calls); median per call and "
             "interquartile range over the rounds.", "",
             head, sep, *rows, "",
@@ -199,6 +227,8 @@ def bench(
     warmup: int = 0,
     min_round_s: float = 0.02,
     memory: bool = True,
+    channels_last: bool = False,
+    fold_bn: bool = False,
 ) -> BenchResult:
     """Time ``model`` (and ``baseline``, alternating) on CPU at each batch size; peak forward memory.
 
@@ -216,6 +246,10 @@ def bench(
             its calls are timed, even right after the other model ran (what makes alternation fair).
         min_round_s: A round repeats the call until it lasts about this long.
         memory: Also measure peak forward memory (one profiled forward per model at the largest batch).
+        channels_last: Time both models (copies) and their 4-D inputs in ``torch.channels_last`` layout,
+            the NHWC layout whose CPU convolution kernels were faster for training (docs/memory_format.md).
+        fold_bn: Time copies of both models with their BatchNorms folded into the preceding layers
+            (:func:`hap.fold_batchnorm`), as an inference deployment would.
 
     Returns:
         A :class:`BenchResult`.
@@ -228,6 +262,10 @@ def bench(
     if repeats < 1 or warmup < 0 or threads < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, threads >= 1 and batch sizes >= 1; got repeats={repeats}, "
                          f"warmup={warmup}, threads={threads}, batch_sizes={list(batch_sizes)}")
+    if fold_bn or channels_last:
+        model = _deployed(model, example_inputs, fold_bn, channels_last)
+        if baseline is not None:
+            baseline = _deployed(baseline, example_inputs, fold_bn, channels_last)
     models = {"pruned": model} | ({"baseline": baseline} if baseline is not None else {})
     rounds: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batch_sizes} for k in models}
     numbers: dict[str, dict[int, int]] = {k: {} for k in models}
@@ -236,6 +274,7 @@ def bench(
     with threads_ctx(threads), eval_mode(model), eval_mode(other), torch.inference_mode():
         for b in batch_sizes:
             x = with_batch(example_inputs, b)
+            x = to_channels_last(x) if channels_last else x  # with_batch returns NCHW-contiguous rows
             timers = {}
             for k, m in models.items():
                 def fn(m: nn.Module = m, x: Any = x) -> Any:
@@ -252,6 +291,7 @@ def bench(
                     rounds[k][b].append(meas.mean)
     if memory:
         xb = with_batch(example_inputs, max(batch_sizes))
+        xb = to_channels_last(xb) if channels_last else xb
         with threads_ctx(threads):
             peaks = {k: peak_forward_bytes(m, xb) for k, m in models.items()}
     timing = {k: {b: Timing.from_rounds(b, rounds[k][b], numbers[k][b]) for b in batch_sizes} for k in models}
@@ -261,5 +301,29 @@ def bench(
                        baseline=timing.get("baseline", {}), speedup=speed, peak_bytes=peaks,
                        memory_method="torch.profiler memory events (tensor bytes allocated during the forward)"
                        if memory else "not measured", torch_version=torch.__version__, repeats=repeats,
-                       warmup=warmup)
+                       warmup=warmup, channels_last=channels_last, fold_bn=fold_bn)
+
+
+def _deployed(model: nn.Module, example_inputs: Any, fold_bn: bool, channels_last: bool) -> nn.Module:
+    """A copy of ``model``, BN-folded and/or in channels_last layout."""
+    import copy
+
+    from .fold import fold_batchnorm
+
+    model = fold_batchnorm(model, example_inputs) if fold_bn else copy.deepcopy(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_channels_last(inputs: Any) -> Any:
+    """4-D tensors of ``inputs`` (a tensor, tuple or mapping) in ``torch.channels_last`` layout."""
+    def one(x: Any) -> Any:
+        return x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
+
+    if isinstance(inputs, dict):
+        return {k: one(v) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(one(v) for v in inputs)
+    return one(inputs)
 

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
-__all__ = ["Config", "Registry", "ConfigError", "SensitivityConfig", "PlanConfig"]
+__all__ = ["Config", "Registry", "ConfigError", "Problem", "SensitivityConfig", "PlanConfig"]
 
 T = TypeVar("T")
 C = TypeVar("C", bound="Config")
@@ -23,6 +23,43 @@ C = TypeVar("C", bound="Config")
 
 class ConfigError(ValueError):
     """A config dict that does not describe the dataclass (unknown key, wrong version, bad value)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One option out of its range: the rule lives in the config's :meth:`Config.problems`, stated once.
+
+    The library raises it as ``"FIELD RULE, got VALUE"``; the CLI says ``"--FLAG VALUE: RULE"``.
+
+    Attributes:
+        field: The option, dotted below nested configs (``"plan.round_to"``).
+        value: What it was set to.
+        rule: What it must be (``"must be an integer >= 1"``).
+    """
+
+    field: str
+    value: Any
+    rule: str
+
+    def under(self, prefix: str) -> Problem:
+        return Problem(f"{prefix}.{self.field}", self.value, self.rule)
+
+    def __str__(self) -> str:
+        return f"{self.field} {self.rule}, got {self.value!r}"
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def in_range(v: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+             hi_open: bool = False, integer: bool = False) -> bool:
+    """Whether ``v`` is a number (an int if ``integer``) within the bounds: NaN and strings never are."""
+    if not _number(v) or (integer and not isinstance(v, int)) or v != v:
+        return False
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        return False
+    return not (hi is not None and (v >= hi if hi_open else v > hi))
 
 
 @dataclasses.dataclass
@@ -61,6 +98,26 @@ class Config:
             sub = _config_type(hints.get(k))
             kw[k] = sub.from_dict(v) if sub is not None and isinstance(v, Mapping) else _tuple_if(hints.get(k), v)
         return cls(**kw)
+
+    def problems(self) -> list[Problem]:
+        """Every option out of its range (nested configs' too, their fields prefixed); ``[]``: all valid.
+
+        The one statement of each rule: the library entry points raise them (:meth:`validate`) before any
+        compute, and the CLI prints them with its flag names, so the two cannot disagree.
+        """
+        out: list[Problem] = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Config):
+                out += [p.under(f.name) for p in v.problems()]
+        return out
+
+    def validate(self: C) -> C:
+        """``self`` if :meth:`problems` finds none, else one :class:`ConfigError` naming them all."""
+        found = self.problems()
+        if found:
+            raise ConfigError("; ".join(str(p) for p in found))
+        return self
 
     def replace(self: C, **changes: Any) -> C:
         """A copy with ``changes`` applied; an unknown option name is a :class:`ConfigError`."""
@@ -194,6 +251,10 @@ class SensitivityConfig(Config):
         exclude: Layer names never pruned.
         seed: Seeds every random choice.
         max_seconds: Time budget for the estimate (``None``: none).
+        fisher_backend: How Fisher curvature gets per-example squared gradients: ``"vmap"`` (per-example
+            gradients, the exact reference), ``"hooks"`` (from layer inputs and output gradients, never
+            holding per-example gradients; ``vmap`` for parameters of other layers) or ``"auto"`` (hooks
+            when they serve every unit parameter).
     """
 
     units: str = "channels"
@@ -214,8 +275,20 @@ class SensitivityConfig(Config):
     seed: int = 0
     max_seconds: float | None = None
 
+    def problems(self) -> list[Problem]:
+        out = super().problems()
+        for name in ("max_samples", "max_batches"):
+            v = getattr(self, name)
+            if not (v is None and name == "max_samples") and not in_range(v, 1, integer=True):
+                out.append(Problem(name, v, "must be an integer >= 1"))
+        if self.scope not in SCOPES:
+            out.append(Problem("scope", self.scope, f"must be one of {', '.join(SCOPES)}"))
+        return out
+    fisher_backend: str = "auto"
 
-ALLOCATIONS = ("uniform", "global")
+
+SCOPES = ("all", "producer")
+ALLOCATIONS = ("uniform", "global", "even")
 RANKINGS = ("score", "score_per_param", "layer_normalized")
 SIGNS = ("signed", "clamp", "abs")
 IMPLANT_KINDS = ("pointwise", "lowrank")
@@ -230,9 +303,11 @@ class PlanConfig(Config):
         implant_fraction: Of each group's pruned units, the most sensitive share implanted instead.
         implant_cost: A ``lowrank`` implant costs at most this share of the filters it replaces.
         max_layer_ratio: At most this share of any group is pruned.
-        round_to: Remaining widths are multiples of this.
+        round_to: Remaining widths are multiples of this; ``"auto"``: the multiple a measured per-layer
+            latency table finds free to round up to (:mod:`hap.latency_table`).
         allocation: ``"uniform"`` (same ratio per group; won after fine-tuning in the vision study) or
-            ``"global"`` (the paper's ranking across layers).
+            ``"global"`` (the paper's ranking across layers) or ``"even"`` (uniform, stopped only where same-size
+            groups lost the same number of units: one width per layer kind, for :func:`hap.save_pretrained`).
         exclude: Layer names whose groups stay whole.
         sign: How negative estimates rank: ``"signed"``, ``"clamp"`` or ``"abs"``.
         rank_by: ``"score"``, ``"score_per_param"`` or ``"layer_normalized"``.
@@ -243,9 +318,27 @@ class PlanConfig(Config):
     implant_fraction: float = 0.1
     implant_cost: float = 0.25
     max_layer_ratio: float = 0.95
-    round_to: int = 1
+    round_to: int | str = 1
     allocation: str = "uniform"
     exclude: tuple[str, ...] = ()
     sign: str = "signed"
     rank_by: str = "score"
     tol: float = 0.01
+
+    def problems(self) -> list[Problem]:
+        out = super().problems()
+        if self.implant is not None and self.implant not in IMPLANT_KINDS:
+            out.append(Problem("implant", self.implant, f"must be {', '.join(IMPLANT_KINDS)} or None"))
+        checks = (("implant_fraction", in_range(self.implant_fraction, 0, 1, hi_open=True), "must be in [0, 1)"),
+                  ("implant_cost", in_range(self.implant_cost, 0, lo_open=True), "must be > 0"),
+                  ("max_layer_ratio", in_range(self.max_layer_ratio, 0, 1, lo_open=True), "must be in (0, 1]"),
+                  # "auto" (hap.plan only: the CLI's --round-to takes integers) keeps docs/reliability.md's message
+                  ("round_to", self.round_to == "auto" or in_range(self.round_to, 1, integer=True),
+                   "must be an integer >= 1"))
+        out += [Problem(name, getattr(self, name), rule) for name, ok, rule in checks if not ok]
+        for name, choices in (("allocation", ALLOCATIONS), ("rank_by", RANKINGS), ("sign", SIGNS)):
+            if getattr(self, name) not in choices:
+                out.append(Problem(name, getattr(self, name), f"must be one of {', '.join(choices)}"))
+        if not in_range(self.tol, 0, 0.5, lo_open=True, hi_open=True):
+            out.append(Problem("tol", self.tol, "must be in (0, 0.5)"))
+        return out

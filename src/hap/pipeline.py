@@ -20,16 +20,19 @@ from itertools import islice
 from typing import Any
 
 import numpy as np
+import torch
 import torch.nn as nn
 
-from .config import Config, PlanConfig, SensitivityConfig
+from ._utils import uses_threads
+from .config import Config, PlanConfig, Problem, SensitivityConfig, in_range
+from .distributed import is_distributed, shard_batches
 from .metrics import classification_loss, count_macs, count_params, latency
 from .planner import plan as make_plan
 from .planning import PruningPlan, Target
 from .repair import repair
 from .sensitivity import Sensitivity, sensitivity
 from .surgery import prune
-from .train import Task, TrainConfig, VisionTask, train
+from .train import Task, TextTask, TrainConfig, VisionTask, train
 
 __all__ = ["RunConfig", "run", "score_units", "paired_latency", "UNIT_DEFAULTS", "REPAIRS"]
 
@@ -40,7 +43,8 @@ class RunConfig(Config):
 
     Attributes:
         units: The unit family pruned: ``"channels"`` (CNNs) or ``"heads"`` (attention heads).
-        target: One of ``{"params"|"flops"|"channels"|"heads": fraction removed}`` (:class:`hap.Target`).
+        target: One of ``{"params"|"flops"|"channels"|"heads"|"latency": fraction removed}`` (:class:`hap.Target`;
+            ``latency`` is predicted from a per-layer latency table measured once on this machine).
         sensitivity: How units are scored (criterion = ``sensitivity.method``); its ``units`` and ``seed``
             are set from this config's. Channels default to ``obs-greedy``: with repair it was the best
             criterion at 50/70/85% in the post-training study (docs/posttraining.md).
@@ -95,6 +99,27 @@ class RunConfig(Config):
     @property
     def method(self) -> str:
         return self.sensitivity.method
+
+    def problems(self) -> list[Problem]:
+        """The nested configs' rules (the training ones as this unit family's task states them) and the
+        run's own: what :func:`run` and the CLI check before any compute."""
+        out = [p.under(name) for name in ("sensitivity", "plan") for p in getattr(self, name).problems()]
+        task = VisionTask() if self.units == "channels" else TextTask(tokenizer=None)
+        out += [p.under(name) for name in ("finetune", "dense") if getattr(self, name) is not None
+                for p in task.problems(getattr(self, name))]
+        if self.units not in UNIT_DEFAULTS:
+            out.append(Problem("units", self.units, f"must be one of {', '.join(UNIT_DEFAULTS)}"))
+        try:
+            Target.from_dict(self.target)
+        except (ValueError, TypeError, AttributeError) as e:
+            out.append(Problem("target", self.target, f"must be one kind=fraction ({e})"))
+        if self.repair is not None and self.repair not in REPAIRS:
+            out.append(Problem("repair", self.repair, f"must be one of {', '.join(REPAIRS)} or None"))
+        for name, low in (("sens_batch_size", 1), ("repair_batches", 1), ("max_length", 1), ("bn_batches", 0),
+                          ("latency_batch", 1), ("latency_rounds", 1), ("latency_repeats", 1)):
+            if not in_range(getattr(self, name), low, integer=True):
+                out.append(Problem(name, getattr(self, name), f"must be an integer >= {low}"))
+        return out
 
 
 def _heads_defaults() -> RunConfig:
@@ -152,7 +177,9 @@ def score_units(model: nn.Module, task: Task, data: Any, cfg: RunConfig, progres
     """The sensitivity stage alone: ``cfg.sensitivity`` on the task's scoring batches."""
     scfg = cfg.sensitivity.replace(units=cfg.units, seed=cfg.seed)
     batches = task.sensitivity_batches(data, cfg.sens_batch_size, scfg.max_batches, cfg.seed)
-    sens = sensitivity(model, classification_loss, batches, config=scfg, progress=progress)
+    # under torch.distributed every rank keeps its share of the batches one process would score on
+    shard = shard_batches(batches, scfg.max_batches) if is_distributed() else batches
+    sens = sensitivity(model, classification_loss, shard, config=scfg, progress=progress)
     sens.settings.update(split=task.sensitivity_split)
     if hasattr(batches, "texts"):
         sens.settings.update(examples=len(batches.texts), max_length=getattr(task, "max_length", None))
@@ -164,14 +191,11 @@ REPAIRS = ("lsq",)
 
 def _repair(small: nn.Module, model: nn.Module, task: Task, data: Any, cfg: RunConfig, p: PruningPlan,
             progress: bool) -> dict[str, Any]:
-    """The repair stage (off unless ``cfg.repair``): hap.repair refits the kept weights after surgery."""
-    if cfg.repair not in REPAIRS:
-        raise ValueError(f"repair must be one of {', '.join(REPAIRS)} or None, got {cfg.repair!r}")
-    if cfg.repair_batches < 1:
-        raise ValueError(f"repair_batches must be >= 1, got {cfg.repair_batches}")
+    """The repair stage (off unless ``cfg.repair``): hap.repair refits the kept weights after surgery
+    (``cfg.repair`` and ``cfg.repair_batches`` were checked by :meth:`RunConfig.problems`)."""
     batches = list(islice(task.sensitivity_batches(data, cfg.sens_batch_size, cfg.repair_batches, cfg.seed + 1),
                           cfg.repair_batches))
-    rep = repair(small, model, batches, plan=p, progress=progress)
+    rep = repair(small, model, shard_batches(batches), plan=p, progress=progress)  # distributed: this rank's share
     errs = [(b, a) for b, a in rep.errors.values()]
     return {"repair": cfg.repair, "repair_s": rep.seconds, "repair_peak_mb": rep.peak_memory_mb,
             "repair_examples": rep.examples, "repair_layers": len(rep.layers), "repair_skipped": len(rep.skipped),
@@ -179,6 +203,7 @@ def _repair(small: nn.Module, model: nn.Module, task: Task, data: Any, cfg: RunC
             "repair_rel_err_after": float(np.median([a for _, a in errs])) if errs else None}
 
 
+@uses_threads
 def run(
     model: nn.Module,
     task: Task | None,
@@ -190,6 +215,7 @@ def run(
     out_dir: Any = None,
     resume: bool = False,
     progress: bool = True,
+    threads: int | None = None,
 ) -> tuple[nn.Module, PruningPlan, Sensitivity, dict[str, Any]]:
     """Prune a copy of ``model`` as ``cfg`` says, measure it, fine-tune it, measure again.
 
@@ -203,6 +229,8 @@ def run(
         out_dir: Where the fine-tune writes its resumable checkpoints (None: in memory).
         resume: Continue the fine-tune checkpointed in ``out_dir``.
         progress: Show progress.
+        threads: Torch CPU threads for the whole run (restored after; recorded as ``threads`` in the
+            metrics); ``None``: :func:`hap._utils.default_threads` (a resumed fine-tune: the count it started with).
 
     Returns:
         ``(pruned model, plan, sensitivity, metrics)``; metrics hold params/MACs (and heads) before and
@@ -211,9 +239,9 @@ def run(
     """
     t0 = time.perf_counter()
     task = task or VisionTask()
-    cfg = cfg or RunConfig()
+    cfg = (cfg or RunConfig()).validate()  # every option, before any compute
     target = Target.from_dict(cfg.target)
-    m: dict[str, Any] = {"config": cfg.to_dict()}
+    m: dict[str, Any] = {"config": cfg.to_dict(), "threads": torch.get_num_threads()}
     if dense_test_acc is None:
         dense_test_acc = task.accuracy(model, data, "test")
     m["dense_test_acc"] = dense_test_acc
@@ -243,7 +271,8 @@ def run(
     budget = task.total_steps(data, task.resolve(ft))
     if budget > 0:
         teacher = copy.deepcopy(model).eval() if ft.kd_alpha > 0 else None
-        res = train(small, data, ft, task=task, out_dir=out_dir, resume=resume, teacher=teacher, progress=progress)
+        res = train(small, data, ft, task=task, out_dir=out_dir, resume=resume, teacher=teacher, progress=progress,
+                    threads=threads)
         m.update(finetune_history=res.history, finetune_s=res.seconds, finetune_steps=res.steps)
         if has_val:
             m["val_acc"] = task.accuracy(small, data, "val")

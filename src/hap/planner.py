@@ -18,10 +18,11 @@ import torch
 import torch.nn as nn
 
 from ._utils import call_model, eval_mode, first_line, model_device, model_signature, threads
-from .config import ALLOCATIONS, IMPLANT_KINDS, RANKINGS, PlanConfig
+from .config import PlanConfig
 from .implant import implant_block_reason, implant_unsupported_reason, lowrank_rank
 from .metrics import ModelCost, count_macs_disposable, count_params, measure
 from .planning.allocation import GroupInfo, candidates, layer_normalized, materialize
+from .planning.latency import LatencyTable
 from .planning.search import search
 from .planning.types import GroupPlan, PruningPlan, Target, input_spec, make_inputs, pruned_share, sequence_length
 from .sensitivity import Sensitivity
@@ -38,6 +39,7 @@ def plan(
     *,
     config: PlanConfig | None = None,
     example_inputs: Any = None,
+    latency_table: LatencyTable | None = None,
     **options: Any,
 ) -> PruningPlan:
     """Choose the units to remove and to implant so that the measured pruned model meets ``target``.
@@ -58,9 +60,15 @@ def plan(
             pointwise implant.
         max_layer_ratio: At most this fraction of any group is pruned (removed or implanted).
         round_to: Make each group's remaining width (kept + implanted) a multiple of this, for hardware
-            friendly shapes (a group narrower than ``round_to`` is left whole).
+            friendly shapes (a group narrower than ``round_to`` is left whole). ``"auto"``: the largest
+            multiple that the latency table finds free to round up to
+            (:meth:`hap.planning.latency.LatencyTable.auto_round_to`); the plan records the choice in
+            ``settings["round_to"]`` and its measured costs in ``settings["round_to_auto"]``.
         allocation: ``"uniform"`` (default): the same ratio in every group, least sensitive units first
-            within it; ``"global"``: rank all units of all groups together (the paper's). Uniform is the
+            within it; ``"even"``: uniform, stopping only where groups of the same size have lost exactly
+            the same number of units (same widths in every layer, so :func:`hap.save_pretrained` can write a
+            Hugging Face config; under GQA the units are whole KV groups); ``"global"``: rank all units of all
+            groups together (the paper's). Uniform is the
             default because it won after fine-tuning in the vision study (docs/results.md): a global
             ranking of per-unit scores ignores what a unit costs, and a residual-stream group (one channel
             shared by every block of a stage) sums its score over all the layers it couples, so global
@@ -82,6 +90,11 @@ def plan(
             for ``allocation="global"``; under ``"uniform"`` it only orders groups at the same ratio.
             Which ranks better is a question for the study (DESIGN.md section 1), hence an option.
         tol: Largest accepted ``|achieved - target|`` (as fractions).
+        latency_table: For ``Target(latency=...)`` and ``round_to="auto"``: the dense model's per-layer
+            latency table (:func:`hap.latency_table.measure_table`); default: that function's, at batch 64
+            and 1 thread, loaded from its cache or measured once (about a minute for a CIFAR ResNet). A
+            latency target is met by the table's *prediction* at its batch size: the sum over layers of
+            their times at the planned widths plus the rest of the forward (``settings["latency"]``).
 
     Returns:
         The plan, with the achieved parameters and MACs measured on the pruned model.
@@ -99,22 +112,7 @@ def plan(
     cfg = cfg.replace(**options)
     if not isinstance(target, Target):
         raise ValueError(f"target must be a hap.Target, e.g. Target(params=0.5); got {target!r}")
-    if cfg.implant is not None and cfg.implant not in IMPLANT_KINDS:
-        raise ValueError(f"implant must be 'pointwise', 'lowrank' or None, got {cfg.implant!r}")
-    if not 0.0 <= cfg.implant_fraction < 1.0:
-        raise ValueError(f"implant_fraction must be in [0, 1), got {cfg.implant_fraction}")
-    if not cfg.implant_cost > 0:
-        raise ValueError(f"implant_cost must be > 0, got {cfg.implant_cost}")
-    if not 0.0 < cfg.max_layer_ratio <= 1.0:
-        raise ValueError(f"max_layer_ratio must be in (0, 1], got {cfg.max_layer_ratio}")
-    if not isinstance(cfg.round_to, int) or cfg.round_to < 1:
-        raise ValueError(f"round_to must be an integer >= 1, got {cfg.round_to!r}")
-    if cfg.allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {cfg.allocation!r}")
-    if cfg.rank_by not in RANKINGS:
-        raise ValueError(f"rank_by must be one of {', '.join(RANKINGS)}, got {cfg.rank_by!r}")
-    if not 0.0 < cfg.tol < 0.5:
-        raise ValueError(f"tol must be in (0, 0.5), got {cfg.tol}")
+    cfg.validate()  # PlanConfig.problems: the one statement of the rules (the CLI prints the same)
     sensitivity.ranking_scores(cfg.sign)  # validates ``sign`` before any work
     sensitivity.check_model(model)
     if example_inputs is None:
@@ -136,10 +134,23 @@ def plan(
             ) from e
     spec = input_spec(example_inputs)
     inputs = make_inputs(spec, device=model_device(model))
+    extra: dict[str, Any] = {}
+    if target.kind == "latency" or cfg.round_to == "auto":
+        if latency_table is None:
+            from .latency_table import measure_table
+
+            latency_table = measure_table(model, inputs)
+        if cfg.round_to == "auto":
+            chosen, costs = latency_table.auto_round_to()
+            cfg = cfg.replace(round_to=chosen)
+            extra["round_to_auto"] = {"chosen": chosen, "cost_of_rounding_up": {str(m): c for m, c in costs.items()}}
     # The search runs many batch-1 forward passes; with several threads on a busy machine their
     # synchronisation costs more than the arithmetic (10x measured on 2 shared cores), so use one.
     with threads(1):
-        return _plan(model, sensitivity, target, inputs, spec, cfg)
+        p = _plan(model, sensitivity, target, inputs, spec, cfg,
+                  latency_table if target.kind == "latency" else None)
+    p.settings.update(extra)
+    return p
 
 
 def _default_inputs(model: nn.Module, sens: Sensitivity) -> tuple[Any, str]:
@@ -165,7 +176,7 @@ def _default_inputs(model: nn.Module, sens: Sensitivity) -> tuple[Any, str]:
 
 
 def _plan(model: nn.Module, sens: Sensitivity, target: Target, inputs: Any, spec: dict[str, Any],
-          cfg: PlanConfig) -> PruningPlan:
+          cfg: PlanConfig, table: LatencyTable | None = None) -> PruningPlan:
     implant = cfg.implant if cfg.implant_fraction > 0 else None
     for kind in {u.unit.kind for u in sens.units}:
         family_for_kind(kind)  # an unknown kind is an error, never a silent drop in surgery
@@ -189,6 +200,12 @@ def _plan(model: nn.Module, sens: Sensitivity, target: Target, inputs: Any, spec
     plans: dict[int, list[GroupPlan]] = {0: []}
     fracs: dict[int, float] = {0: 0.0}
     built: dict[int, tuple[ModelCost, str]] = {}
+    predicted: dict[int, float] = {}  # latency targets: the table's prediction per step (ms)
+    if table is not None:
+        from .latency_table import layer_keys, layer_uses
+
+        keys = layer_keys(model, inputs)
+        predicted[0] = table.predict(layer_uses(keys, model))
 
     def group_plans(s: int) -> list[GroupPlan]:
         if s not in plans:
@@ -201,6 +218,8 @@ def _plan(model: nn.Module, sens: Sensitivity, target: Target, inputs: Any, spec
         if s not in built or (macs and built[s][0].macs < 0):
             pruned = copy.deepcopy(model)
             apply_groups(pruned, group_plans(s), inputs)
+            if table is not None:
+                predicted[s] = table.predict(layer_uses(keys, pruned))
             n_macs = count_macs_disposable(pruned, inputs) if macs else -1
             built[s] = (ModelCost(count_params(pruned), n_macs), model_signature(pruned))
         return built[s]
@@ -209,13 +228,18 @@ def _plan(model: nn.Module, sens: Sensitivity, target: Target, inputs: Any, spec
         if s not in fracs:
             if count_kind:
                 fracs[s] = pruned_share(group_plans(s), count_kind)
+            elif table is not None:
+                build(s, macs=False)
+                fracs[s] = 1.0 - predicted[s] / predicted[0]
             else:
                 cost = build(s, macs=target.kind == "flops")[0]
                 fracs[s] = 1.0 - (cost.params / base.params if target.kind == "params"
                                   else cost.macs / max(1, base.macs))
         return fracs[s]
 
-    best = search(fraction, cands.n_steps, target, cfg.tol, cands.limits_text(cfg.max_layer_ratio))
+    steps = _even_steps(cands) if cfg.allocation == "even" else list(range(cands.n_steps + 1))
+    best = steps[search(lambda b: fraction(steps[b]), len(steps) - 1, target, cfg.tol,
+                        cands.limits_text(cfg.max_layer_ratio))]
     cost, sig = build(best)
     return PruningPlan(
         target=target,
@@ -239,8 +263,33 @@ def _plan(model: nn.Module, sens: Sensitivity, target: Target, inputs: Any, spec
             "implant_cost": cfg.implant_cost,
             "exclude": sorted(excluded),
             **({"tokens": tokens} if (tokens := sequence_length(spec)) is not None else {}),
+            **({"latency": {"predicted_ms": predicted[best], "dense_ms": predicted[0],
+                            "measured_dense_ms": table.dense_ms, "batch": table.meta.get("batch"),
+                            "threads": table.meta.get("threads"), "machine": table.meta.get("cpu")}}
+               if table is not None else {}),
         },
     )
+
+
+def _even_steps(cands: Any) -> list[int]:
+    """Step counts of the uniform ordering at which every group of the same kind, size and cap has had
+    exactly as many units removed (``allocation="even"``): identical widths in identical layers, the
+    precondition of a Hugging Face config (:func:`hap.save_pretrained`)."""
+    classes = [(len(g.order), g.info.kind, g.cap) for g in cands.groups]
+    counts = [0] * len(classes)
+    mismatched = 0  # classes whose counts differ now
+    members: dict[tuple[int, str, int], list[int]] = {}
+    for gi, c in enumerate(classes):
+        members.setdefault(c, []).append(gi)
+    steps = [0]
+    for s, gi in enumerate(cands.step_group, start=1):
+        group = members[classes[int(gi)]]
+        before = len({counts[g] for g in group}) > 1
+        counts[int(gi)] += 1
+        mismatched += (len({counts[g] for g in group}) > 1) - before
+        if mismatched == 0:
+            steps.append(s)
+    return steps
 
 
 def _module_of(param: str) -> str:

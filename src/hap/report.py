@@ -181,7 +181,22 @@ def write_run_report(run_dir: str | Path) -> Path:
     if (d / "plan.json").is_file():
         plot_widths(json.loads((d / "plan.json").read_text()), d / "widths.png")
         lines += ["![per-layer widths](widths.png)", ""]
+    lines += _speed_section(d)
     return atomic_write_text(d / "report.md", "\n".join(lines) + "\n")
+
+
+def _speed_section(d: Path) -> list[str]:
+    """The "Speed" section from the run's ``bench.json`` (written by ``hap bench``), so that regenerating
+    report.md keeps it; a file that does not parse is named in the report rather than silently dropped."""
+    p = d / "bench.json"
+    if not p.is_file():
+        return []
+    from .bench import BenchResult
+
+    try:
+        return BenchResult.from_dict(json.loads(p.read_text())).markdown().rstrip("\n").splitlines() + [""]
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        return ["## Speed", "", f"bench.json could not be read ({str(e).splitlines()[0]}): rerun 'hap bench'.", ""]
 
 
 def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
@@ -257,4 +272,5 @@ def write_heads_report(directory: str | Path) -> Path:
         "",
     ]
     plot_widths(plan, d / "heads.png")
+    lines += _speed_section(d)
     return atomic_write_text(d / "report.md", "\n".join(lines))

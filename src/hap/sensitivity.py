@@ -24,9 +24,10 @@ import torch
 import torch.nn as nn
 
 from . import criteria
-from ._utils import atomic_write_text, materialize_batches, model_signature
+from ._utils import atomic_write_text, first_line, materialize_batches, model_signature, uses_threads
 from .config import SensitivityConfig
 from .criteria.base import CriterionResult, ScoreContext
+from .distributed import all_reduce_max, all_reduce_sum, broadcast_object, collective, is_main, world_size
 from .estimate.reduce import UnitReducer
 from .units import Unit, family_for_kind, get_family
 
@@ -142,8 +143,11 @@ class Sensitivity:
         return out
 
     def digest(self) -> str:
-        """Content hash, so a plan can name the sensitivity it came from."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """Content hash, so a plan can name the sensitivity it came from: the scores and how they were
+        obtained, not the wall time (a rerun of the same estimate, e.g. a resumed ``hap prune``, gets the
+        same digest and so the same plan)."""
+        d = {k: v for k, v in self.to_dict().items() if k != "wall_time_s"}
+        return hashlib.sha256(json.dumps(d, allow_nan=False, default=_json_default).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -162,6 +166,9 @@ class Sensitivity:
             raise ValueError(f"sensitivity format version {d.get('version')} is not {FORMAT_VERSION}")
         d = dict(d)
         d["units"] = [UnitSensitivity.from_dict(u) for u in d["units"]]
+        bad = next((u for u in d["units"] if not np.isfinite(u.score)), None)
+        if bad is not None:  # never from hap.sensitivity (it refuses them): an edited or corrupted file
+            raise ValueError(f"unit {bad.unit.name} has the non-finite score {bad.score}")
         for k in ("split_half", "median_rel_se"):
             if d.get(k) is None:
                 d[k] = float("nan")
@@ -171,11 +178,15 @@ class Sensitivity:
     def from_json(cls, text: str) -> Sensitivity:
         try:
             return cls.from_dict(json.loads(text))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"not a valid sensitivity JSON ({type(e).__name__}: {e})") from e
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError, RecursionError) as e:
+            raise ValueError(f"not a valid sensitivity JSON ({type(e).__name__}: {first_line(e)})") from e
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write atomically (temp file then rename): a crash never leaves half a file."""
+        """Write atomically (temp file then rename): a crash never leaves half a file. Under
+        ``torch.distributed`` only rank 0 writes (every rank holds the same sensitivity); not a collective,
+        so calling it on rank 0 alone is fine too."""
+        if not is_main():
+            return Path(path)
         return atomic_write_text(Path(path), self.to_json(indent=1))
 
     @classmethod
@@ -183,7 +194,10 @@ class Sensitivity:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"no sensitivity file at '{p}': run 'hap sensitivity' first")
-        return cls.from_json(p.read_text())
+        try:
+            return cls.from_json(p.read_text())
+        except ValueError as e:  # UnicodeDecodeError too; the message names the file
+            raise ValueError(f"'{p}' is {first_line(e)}: recompute it (hap sensitivity)") from e
 
     def check_model(self, model: nn.Module) -> None:
         """Raise if ``model`` is not the architecture this sensitivity was computed on."""
@@ -275,6 +289,8 @@ def _discover(spec: str, model: nn.Module, example: Any, exclude: Sequence[str])
     return out
 
 
+@uses_threads
+@collective
 def sensitivity(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -284,6 +300,7 @@ def sensitivity(
     *,
     config: SensitivityConfig | None = None,
     progress: bool = True,
+    threads: int | None = None,
     **options: Any,
 ) -> Sensitivity:
     """Score every structured unit of ``model`` by how much the loss depends on it.
@@ -300,6 +317,8 @@ def sensitivity(
             ``"hap-hessian"``, ``"l1"``, ``"l2"``, ``"taylor"``, ``"obd"``, ``"michel"`` (heads), ``"random"``.
         config: All options at once; keywords in ``options`` override its fields.
         progress: Show progress bars.
+        threads: Torch CPU threads for the call (restored after); ``None``: :func:`hap._utils.default_threads`,
+            the cores other processes leave free (or the enclosing hap call's count).
         **options: Any field of :class:`hap.config.SensitivityConfig` (``curvature``, ``max_samples``,
             ``tol``, ``stability``, ``max_batches``, ``scope``, ``exclude``, ``seed``, ...). The default
             ``curvature="auto"`` is the Monte-Carlo Fisher: on ResNet-20 its ranking reaches a split-half
@@ -322,10 +341,7 @@ def sensitivity(
     if method is not None:
         cfg = cfg.replace(method=method)
     crit = criteria.get(cfg.method)
-    if cfg.max_samples is not None and cfg.max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {cfg.max_samples}")
-    if cfg.scope not in ("all", "producer"):
-        raise ValueError(f"scope must be 'all' or 'producer', got {cfg.scope!r}")
+    cfg.validate()  # SensitivityConfig.problems: the one statement of the rules (the CLI prints the same)
     start = time.perf_counter()
     data = materialize_batches(batches, cfg.max_batches)
     if units is None or isinstance(units, str) or _is_names(units):
@@ -357,6 +373,9 @@ def sensitivity(
     params = {n: named[n] for n in shapes}
     n_u = reducer.counts().numpy()
     sq = reducer({n: p.detach() ** 2 for n, p in params.items()}).numpy()
+    if world_size() > 1 and not np.array_equal(all_reduce_max(sq), -all_reduce_max(-sq)):
+        raise ValueError("the model's weights differ across ranks: load the same weights on every rank before "
+                         "hap.sensitivity (each rank passes only its own shard of the batches)")
     ctx = ScoreContext(model, loss_fn, data, unit_list, params, reducer, cfg, n_u, sq, progress)
     with contextlib.ExitStack() as stack:
         for fam in fams:
@@ -364,7 +383,7 @@ def sensitivity(
         out = crit.score(ctx)
     res = out if isinstance(out, CriterionResult) else CriterionResult(scores=np.asarray(out, dtype=np.float64))
     if not isinstance(out, CriterionResult) and crit.needs_data:
-        res.batches = res.samples = len(data)
+        res.batches = res.samples = all_reduce_sum(len(data))
     scores = np.asarray(res.scores, dtype=np.float64)
     if scores.shape != (len(unit_list),):
         raise ValueError(f"criterion {crit.name!r} returned {scores.shape} scores for {len(unit_list)} units")
@@ -378,7 +397,9 @@ def sensitivity(
                                 "max_batches": cfg.max_batches}
     if cfg.exclude:
         settings["exclude"] = list(cfg.exclude)
-    settings.update(_input_record(data[0][0]))
+    settings.update(broadcast_object(_input_record(data[0][0])))  # rank 0's shapes: the same on every rank
+    if world_size() > 1:
+        settings["world_size"] = world_size()
     settings.update(res.settings)
     out_units = [
         UnitSensitivity(
@@ -397,7 +418,7 @@ def sensitivity(
         model_signature=model_signature(model),
         samples=res.samples,
         batches=res.batches,
-        wall_time_s=time.perf_counter() - start,
+        wall_time_s=all_reduce_max(time.perf_counter() - start),
         converged=res.converged,
         stop_reason=res.stop_reason,
         split_half=res.split_half,

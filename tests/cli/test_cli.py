@@ -44,7 +44,7 @@ def test_train_then_baseline_sensitivity_from_checkpoint(fmnist_dir, tmp_path):
     [
         (["sensitivity", "--model", "nope"], "unknown model"),
         (["sensitivity", "--method", "magic"], "unknown method"),
-        (["sensitivity", "--max-samples", "0"], "max_samples"),
+        (["sensitivity", "--max-samples", "0"], "--max-samples 0: must be"),
         (["sensitivity", "--checkpoint", "missing.safetensors"], "no weights file"),
         (["sensitivity", "--data", "/nonexistent/folder"], ""),
     ],

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import hap
 from hap.units import mask_heads, mask_neurons, mlp_layouts, neuron_units, prune_neurons
-from hap.units.neurons import MLPAdapter
+from hap.units.neurons import ADAPTERS, MLPAdapter
 
 transformers = pytest.importorskip("transformers")
 
@@ -111,8 +111,9 @@ def test_adapter_table_describes_gated_mlps():
     table = (MLPAdapter("gated", ("gate_proj", "up_proj"), "down_proj"),)
     lay = mlp_layouts(model, table)
     assert [(x.name, x.up, x.down, x.width) for x in lay] == [("0", ("0.gate_proj", "0.up_proj"), "0.down_proj", 6)]
+    assert mlp_layouts(model) == lay  # the default table has the row (Llama/Mistral/Qwen2 MLPs)
     with pytest.raises(ValueError, match="no supported feed-forward block"):
-        mlp_layouts(model)
+        mlp_layouts(model, ADAPTERS[:3])
 
 
 def _joint_sens(model, method="hap-fisher", positional=False, units=("heads", "neurons")):

@@ -6,7 +6,9 @@ a regular file) one line naming the path and the fix, exit code 1 (``hap --debug
 traceback instead). Files are written atomically and a run directory is committed by its manifest, so an
 interrupted run leaves the previous outputs intact and a failed one blocks no retry.
 ``--threads N`` (every command) sets torch's CPU threads for the
-command only; ``HF_HUB_OFFLINE=1`` is set for the command only: both are restored when it returns.
+command only; without it a command uses :func:`hap._utils.default_threads` (the cores other processes leave
+free: torch's own default oversubscribes a shared machine, 15-25x slower with one of two cores busy);
+``HF_HUB_OFFLINE=1`` is set for the command only: both are restored when it returns.
 Option defaults come from the config dataclasses (:class:`hap.pipeline.RunConfig`, :class:`hap.train.TrainConfig`,
 :class:`hap.config.SensitivityConfig`, :class:`hap.config.PlanConfig`), method choices from :mod:`hap.criteria`.
 """
@@ -14,11 +16,22 @@ Option defaults come from the config dataclasses (:class:`hap.pipeline.RunConfig
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
+from typing import NoReturn
 
-from .common import UserError, offline
+from .common import THREADS_HELP, UserError, offline
 
 __all__ = ["main", "build_parser", "UserError"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with hap's error format: one line on stderr and exit code 2, as every other bad input
+    (argparse prints the whole usage first, which buries the line that says what is wrong)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .prune import add_heads_parser, add_prune_parser
     from .vision import add_parsers
 
-    ap = argparse.ArgumentParser(prog="hap", description="Hessian-Aware Pruning with Neural Implant")
+    ap = _Parser(prog="hap", description="Hessian-Aware Pruning with Neural Implant")
     ap.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     sub = ap.add_subparsers(dest="command", required=True)
     add_parsers(sub)
@@ -35,8 +48,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_parsers(sub)
     for p in sub.choices.values():
         if not any("--threads" in a.option_strings for a in p._actions):
-            p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+            p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return ap
+
+
+@contextlib.contextmanager
+def _torchrun(args: argparse.Namespace) -> Iterator[None]:
+    """Under ``torchrun`` (``WORLD_SIZE > 1``): join the process group (gloo on CPU, NCCL on GPUs), rank 0
+    alone prints and writes (:func:`hap.distributed.rank0_outputs`), and the group is left at the end."""
+    from .. import distributed as hd
+
+    if not hd.init_from_env():
+        yield
+        return
+    try:
+        if getattr(args, "resume", False):
+            raise UserError("--resume is not supported under torchrun yet: resume with one process, or start "
+                            "over with --overwrite")
+        with hd.rank0_outputs(getattr(args, "out", None)) as out:
+            if getattr(args, "out", None) is not None:
+                args.out = out
+            if not hd.is_main() and hasattr(args, "no_progress"):
+                args.no_progress = True
+            with hd.collective_errors():  # a rank that fails makes the others stop, not wait
+                yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hap {args.command}: error: --threads {args.threads}: give at least 1", file=sys.stderr)
         return 2
     try:
-        with threads(args.threads), offline():
+        with threads(args.threads), offline(), _torchrun(args):
             return commands[args.command](args)
     except (UserError, ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
         if args.debug:

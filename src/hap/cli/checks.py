@@ -1,55 +1,48 @@
 """Every option of a run checked before any compute: a typo must cost a second, not a sensitivity pass.
 
-The library checks its options where it uses them (:func:`hap.plan` before planning, :func:`hap.sensitivity`
-before scoring, :meth:`hap.train.Task.resolve` before training), which for a CLI run is minutes apart: a
-bad ``--round-to`` used to surface only after the sensitivity had run, and ``--implant-fraction 2`` not at
-all when ``--implant`` was not given (the pipeline then sets the fraction to 0). This module applies the
-same rules to a whole :class:`hap.pipeline.RunConfig` at once, up front.
+The rules are the library's, stated once in the config dataclasses (:meth:`hap.config.Config.problems`:
+:class:`hap.config.PlanConfig`, :class:`hap.config.SensitivityConfig`, :class:`hap.train.TrainConfig` with
+its task's rules, :class:`hap.pipeline.RunConfig`), which :func:`hap.plan`, :func:`hap.sensitivity`,
+:func:`hap.train.train` and :func:`hap.pipeline.run` raise before they compute. This module only says
+them in the command line's words: the flag a field is set by, on one line, before the data is read.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..config import ALLOCATIONS, IMPLANT_KINDS, RANKINGS, SIGNS
+from ..config import Config, Problem
 from .common import UserError
 
-__all__ = ["validate_run_config"]
+__all__ = ["validate_run_config", "validate_config", "problem_line"]
+
+# fields set by flags that are not in hap.cli.prune.RUN_OPTIONS (those are read from there)
+_EXTRA_FLAGS = {"plan.implant": "--implant", "target": "--target", "sensitivity.method": "--method",
+                "finetune.batch_size": "--finetune-batch-size", "dense.batch_size": "--batch-size",
+                "units": "--units"}
 
 
-def _plan_problems(p: Any) -> list[str]:
-    """The rules of :func:`hap.plan`, stated as the options the CLI spells."""
-    out = []
-    if p.implant is not None and p.implant not in IMPLANT_KINDS:
-        out.append(f"--implant {p.implant!r}: choose {', '.join(IMPLANT_KINDS)} or none")
-    if not 0.0 <= p.implant_fraction < 1.0:
-        out.append(f"--implant-fraction {p.implant_fraction}: must be in [0, 1)")
-    if not p.implant_cost > 0:
-        out.append(f"implant_cost {p.implant_cost}: must be > 0")
-    if not 0.0 < p.max_layer_ratio <= 1.0:
-        out.append(f"--max-layer-ratio {p.max_layer_ratio}: must be in (0, 1]")
-    if not isinstance(p.round_to, int) or p.round_to < 1:
-        out.append(f"--round-to {p.round_to!r}: must be an integer >= 1")
-    if p.allocation not in ALLOCATIONS:
-        out.append(f"--allocation {p.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
-    if p.rank_by not in RANKINGS:
-        out.append(f"--rank-by {p.rank_by!r}: choose one of {', '.join(RANKINGS)}")
-    if p.sign not in SIGNS:
-        out.append(f"--sign {p.sign!r}: choose one of {', '.join(SIGNS)}")
-    if not 0.0 < p.tol < 0.5:
-        out.append(f"plan tol {p.tol}: must be in (0, 0.5)")
-    return out
+def _run_flags() -> dict[str, str]:
+    from .prune import RUN_OPTIONS
+
+    return {path: flags[0] for flags, path, _, _ in RUN_OPTIONS} | _EXTRA_FLAGS
 
 
-def _sensitivity_problems(s: Any) -> list[str]:
-    out = []
-    if s.max_samples is not None and s.max_samples < 1:
-        out.append(f"--max-samples {s.max_samples}: must be >= 1")
-    if s.max_batches is not None and s.max_batches < 1:
-        out.append(f"--sens-batches {s.max_batches}: must be >= 1")
-    if s.scope not in ("all", "producer"):
-        out.append(f"--scope {s.scope!r}: choose all or producer")
-    return out
+def problem_line(p: Problem, flags: dict[str, str]) -> str:
+    """``--FLAG VALUE: RULE`` (a field no flag sets, e.g. from a ``--config`` file: its dotted name)."""
+    shown = repr(p.value) if isinstance(p.value, str) or p.value is None else str(p.value)
+    return f"{flags.get(p.field, p.field)} {shown}: {p.rule}"
+
+
+def validate_config(cfg: Config, flags: dict[str, str]) -> None:
+    """Raise one :class:`UserError` naming every problem of ``cfg`` by its flag (``flags``: field -> flag).
+
+    Raises:
+        UserError: An option is out of range or unknown.
+    """
+    found = cfg.problems()
+    if found:
+        raise UserError("; ".join(problem_line(p, flags) for p in found))
 
 
 def validate_run_config(cfg: Any) -> None:
@@ -58,24 +51,4 @@ def validate_run_config(cfg: Any) -> None:
     Raises:
         UserError: An option is out of range or unknown; the message names the flag.
     """
-    from ..train import TextTask, VisionTask
-
-    problems = _plan_problems(cfg.plan) + _sensitivity_problems(cfg.sensitivity)
-    for name, value in (("--sens-batch-size", cfg.sens_batch_size), ("--repair-batches", cfg.repair_batches),
-                        ("--max-length", cfg.max_length)):
-        if value < 1:
-            problems.append(f"{name} {value}: must be >= 1")
-    if cfg.bn_batches < 0:
-        problems.append(f"--bn-batches {cfg.bn_batches}: must be >= 0")
-    task = VisionTask() if cfg.units == "channels" else TextTask(tokenizer=None)
-    for label, tc in (("fine-tune", cfg.finetune), ("dense training", cfg.dense)):
-        if tc is None:
-            continue
-        if tc.steps is not None and tc.steps < 0:
-            problems.append(f"{label} steps {tc.steps}: must be >= 0")
-        try:
-            task.resolve(tc)
-        except ValueError as e:
-            problems.append(f"{label}: {e}")
-    if problems:
-        raise UserError("; ".join(problems))
+    validate_config(cfg, _run_flags())

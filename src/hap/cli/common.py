@@ -25,7 +25,7 @@ from typing import Any
 
 __all__ = ["UserError", "parse_target", "check_run_dir", "clear_run_dir", "commit_run", "run_state",
            "os_error_line", "write_json", "print_table", "config_option", "get_path", "set_path", "offline",
-           "MANIFEST"]
+           "MANIFEST", "THREADS_HELP"]
 
 MANIFEST = "manifest.json"  # written last: a run directory holding it is a finished run
 _PENDING = ".commit-pending"  # exists only while a commit is being written
@@ -38,6 +38,10 @@ CHECKPOINT_POINTERS = ("last.json", "finetune/last.json")  # an unfinished run c
 RUN_FILES = (*OUTPUT_FILES, MANIFEST, _PENDING, "last.json", "last.safetensors", "last_optim.safetensors",
              "last_momentum.safetensors", "finetune/last.json", "finetune/last.safetensors",
              "finetune/best.safetensors", "finetune/last_optim.safetensors")
+
+
+THREADS_HELP = ("torch CPU threads for the command (default: the cores other processes leave free, at most "
+                "torch's default; a resumed training: the count it started with)")
 
 
 class UserError(Exception):

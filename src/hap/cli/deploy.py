@@ -21,7 +21,8 @@ __all__ = ["add_deploy_parsers", "cmd_bench", "cmd_export", "load_run_model", "C
 EXAMPLES = {
     "bench": """example:
   hap bench runs/hap-p70 --baseline runs/dense                 # dense training run (or its best.safetensors)
-  hap bench runs/hap-p70 --baseline runs/l1-p50 --threads 4 --batch-sizes 1 32""",
+  hap bench runs/hap-p70 --baseline runs/l1-p50 --threads 4 --batch-sizes 1 32
+  hap bench runs/hap-p70 --baseline runs/dense --fold-bn --channels-last   # as deployed for inference""",
     "export": """example:
   hap export runs/hap-p70 --format onnx                        # runs/hap-p70/model.onnx
   hap export runs/hap-p70 --format torch.export --out deploy/hap-p70.pt2""",
@@ -43,6 +44,10 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64],
                    help="latency batch first, throughput batch last (default: 1 64)")
     b.add_argument("--repeats", type=int, default=None, help="timed rounds per model and batch size")
+    b.add_argument("--channels-last", action="store_true",
+                   help="time both models in torch.channels_last (NHWC) memory format")
+    b.add_argument("--fold-bn", action="store_true",
+                   help="time both models with BatchNorm folded into the preceding conv/linear (hap.fold_batchnorm)")
     e = sub.add_parser("export", help="write a run's model as ONNX or a torch.export program, checked",
                        epilog=EXAMPLES["export"], formatter_class=fmt)
     e.add_argument("run", help="a directory written by 'hap prune' / 'hap heads'")
@@ -154,9 +159,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     base = None
     if args.baseline:
         base, _, _ = load_run_model(args.baseline)
-    kw = {"repeats": args.repeats} if args.repeats else {}
+    kw: dict[str, Any] = {"repeats": args.repeats} if args.repeats else {}
+    kw |= {"channels_last": bool(getattr(args, "channels_last", False)),
+           "fold_bn": bool(getattr(args, "fold_bn", False))}
     try:
         res = bench(model, x, baseline=base, batch_sizes=tuple(args.batch_sizes), threads=args.threads, **kw)
+    except ValueError as e:  # --fold-bn on a model torch.fx cannot trace
+        raise UserError(str(e).splitlines()[0]) from e
     except RuntimeError as e:  # e.g. a baseline whose input shape differs from the run's
         raise UserError(f"benchmark failed: {str(e).splitlines()[0]} (is --baseline the same task?)") from e
     d = res.to_dict() | {"run": str(run), "baseline_path": args.baseline}

@@ -22,12 +22,22 @@ from .. import criteria
 from ..config import ALLOCATIONS, IMPLANT_KINDS, RANKINGS, SIGNS
 from ..pipeline import RunConfig
 from ..train import MEMORY_FORMATS, TrainConfig
-from .common import UserError, check_run_dir, commit_run, config_option, print_table, set_path, write_json
+from .common import THREADS_HELP, UserError, check_run_dir, commit_run, config_option, print_table, set_path, write_json
 from .sources import TARGETS, TEXT_UNITS, DataOptions, load_source, run_defaults, save_text_base
 
 __all__ = ["add_prune_parser", "add_heads_parser", "cmd_prune", "cmd_heads", "load_run_config", "RECORD_KEYS"]
 
 # keys of config.json besides the RunConfig's: a record of the run, ignored by --config
+def _round_to(text: str) -> int | str:
+    """``--round-to``: a positive multiple or ``auto`` (argparse names this function in its error)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number or 'auto'") from None
+
+
 OUTPUTS = ("config.json", "sensitivity.json", "plan.json", "model.safetensors", "metrics.json", "report.md",
            "sensitivity.png", "widths.png")
 OUTPUTS_HEADS = (*OUTPUTS[:6], "heads.png")
@@ -45,7 +55,8 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict[str, Any]]] = [
     (("--allocation",), "plan.allocation", "uniform: the same ratio in every group", {"choices": list(ALLOCATIONS)}),
     (("--implant-fraction",), "plan.implant_fraction", "share of the pruned units implanted", {}),
     (("--max-layer-ratio",), "plan.max_layer_ratio", "", {}),
-    (("--round-to",), "plan.round_to", "remaining widths multiples of this", {}),
+    (("--round-to",), "plan.round_to", "remaining widths multiples of this ('auto': the multiple at which "
+     "this CPU's measured layer latency steps down)", {"type": _round_to}),
     (("--sign",), "plan.sign", "how negative estimates rank", {"choices": list(SIGNS)}),
     (("--tol",), "plan.tol", "largest accepted |achieved - target| (coarse units on a small model need more)", {}),
     (("--rank-by",), "plan.rank_by", "layer_normalized: L2-normalise each layer's scores before ranking",
@@ -119,7 +130,7 @@ def _add_run_options(p: argparse.ArgumentParser, units: list[str]) -> None:
     dd = [DataOptions()]
     for flags, path, help_, kw in DATA_OPTIONS:
         config_option(p, flags, f"data_options.{path}", [_DataHolder(d) for d in dd], help_, **kw)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--resume", action="store_true", help="continue the fine-tune checkpointed in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -287,7 +298,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         sens = Sensitivity.load(out / "sensitivity.json")
     small, plan, sens, metrics = run(loaded.model, loaded.task, loaded.data, cfg, sens=sens,
                                      dense_test_acc=loaded.dense_test_acc, out_dir=None if heads else out / "finetune",
-                                     resume=args.resume, progress=progress)
+                                     resume=args.resume, progress=progress, threads=args.threads)
     metrics.update(loaded.metrics)
     neurons = [g for g in plan.groups if g.kind == "neuron"]
     if neurons:  # the pipeline reports heads; the feed-forward widths are added here

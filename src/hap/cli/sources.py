@@ -17,7 +17,7 @@ from .common import UserError
 __all__ = ["DataOptions", "Loaded", "load_source", "run_defaults", "TARGETS", "TEXT_UNITS"]
 
 # target kinds each unit family (or joint set of families) accepts on the command line
-TARGETS = {"channels": ("params", "flops", "channels"), "heads": ("heads",),
+TARGETS = {"channels": ("params", "flops", "channels", "latency"), "heads": ("heads",),
            "heads,neurons": ("flops", "params", "heads")}
 # unit families pruned on a Hugging Face encoder (text data) rather than a zoo CNN
 TEXT_UNITS = ("heads", "heads,neurons")

@@ -167,6 +167,7 @@ def _build_model(name: str, data: Any, checkpoint: str | None):
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from ..distributed import is_distributed, shard_batches
     from ..metrics import classification_loss
     from ..sensitivity import sensitivity
 
@@ -178,12 +179,18 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     cfg = cfg.replace(seed=args.seed)
     if cfg.method not in criteria.names(with_aliases=True):
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(criteria.names())}")
+    from .checks import validate_config
+
+    validate_config(cfg, {"max_batches": "--batches"} | {f: "--" + f.replace("_", "-") for f in  # the library's rules
+                                                          ("max_samples", "min_samples", "tol", "scope")})
     _check_writable(out)
     data = _load_data(args)
     model = _build_model(args.model, data, args.checkpoint)
     if args.checkpoint is None:
         print("note: no --checkpoint given, scoring an untrained model")
     loader = VisionTask().sensitivity_batches(data, args.batch_size, cfg.max_batches, args.seed)
+    if is_distributed():  # under torchrun: each rank scores its share of the batches one process would
+        loader = shard_batches(loader, cfg.max_batches)
     sens = sensitivity(model, classification_loss, loader, config=cfg, progress=not args.no_progress)
     sens.settings.update(model=args.model, checkpoint=args.checkpoint, data=args.data, batch_size=args.batch_size)
     sens.save(out)
@@ -234,7 +241,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = _load_data(args)
     torch.manual_seed(args.seed)
     model = _build_model(args.model, data, None)
-    res = train(model, data, cfg, task=task, out_dir=out, resume=resume, progress=not args.no_progress, tag=tag)
+    res = train(model, data, cfg, task=task, out_dir=out, resume=resume, progress=not args.no_progress, tag=tag,
+                threads=args.threads)  # given: it wins over the count a resumed run started with
     metrics = {"best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
                "test_acc": task.accuracy(model, data, "test"), "params": count_params(model), "seconds": res.seconds,
                "train_size": len(data.train), **task.split_record(data)}

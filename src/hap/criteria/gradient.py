@@ -13,6 +13,7 @@ import torch
 
 from .._hf import eager_attention
 from .._utils import call_model, check_loss, eval_mode
+from ..distributed import all_reduce_sum
 from ..estimate.fisher import per_example_grads
 from .base import ScoreContext, register_criterion
 
@@ -28,7 +29,8 @@ def taylor(ctx: ScoreContext) -> np.ndarray:
             gs = torch.autograd.grad(loss, [ctx.params[n] for n in names], allow_unused=True)
             gw = {n: g * ctx.params[n].detach() for n, g in zip(names, gs, strict=True) if g is not None}
             acc += np.abs(ctx.reducer(gw).numpy())
-    return acc / len(ctx.data)
+    # under torch.distributed: the mean over the batches of every rank (each rank's own shard)
+    return all_reduce_sum(acc) / all_reduce_sum(len(ctx.data))
 
 
 @register_criterion("obd", description="Optimal Brain Damage, empirical Fisher from per-example gradients")
@@ -44,4 +46,5 @@ def obd(ctx: ScoreContext) -> np.ndarray:
                 for n, t in g.items():
                     sq[n] += (t.double() ** 2).sum(0)
                 count += next(iter(g.values())).shape[0]
-    return 0.5 * ctx.reducer({n: params[n].detach().double() ** 2 * sq[n] / count for n in params}).numpy()
+    total = all_reduce_sum(ctx.reducer({n: params[n].detach().double() ** 2 * sq[n] for n in params}).numpy())
+    return 0.5 * total / all_reduce_sum(count)  # the expectation over the examples of every rank

@@ -19,7 +19,7 @@ from ..estimate.hutchinson import estimate_traces
 from .base import CriterionResult, ScoreContext, register_criterion
 
 _OPTIONS = ("max_samples", "min_samples", "tol", "stability", "samples_per_batch", "max_batches", "probe",
-            "partitions", "vectors_per_product", "curvature", "backend", "max_seconds")
+            "partitions", "vectors_per_product", "curvature", "backend", "max_seconds", "fisher_backend")
 # Sample bounds per curvature: probe vectors for the Hessian, examples for the Fisher (one example is a
 # much cheaper and much less noisy sample than one Hutchinson product).
 SAMPLE_BOUNDS = {"fisher": (256, 8192), "hessian": (32, 512)}
@@ -42,10 +42,12 @@ def _hap(ctx: ScoreContext, curvature: str) -> CriterionResult:
         stability=cfg.stability, samples_per_batch=cfg.samples_per_batch, max_batches=cfg.max_batches,
         probe=cfg.probe, partitions=cfg.partitions, vectors_per_product=cfg.vectors_per_product, curvature=curvature,
         backend=cfg.backend, scope=cfg.scope, score_weight=weight, seed=cfg.seed, progress=ctx.progress,
-        max_seconds=cfg.max_seconds,
+        max_seconds=cfg.max_seconds, fisher_backend=cfg.fisher_backend,
     )
     settings = {k: getattr(replace(cfg, max_samples=max_samples, min_samples=min_samples), k) for k in _OPTIONS}
     settings.update(curvature=curvature, backend=est.backend)
+    if curvature == "fisher":
+        settings["fisher_backend_used"] = est.fisher_backend
     return CriterionResult(
         scores=est.trace * weight, trace=est.trace, trace_se=est.trace_se, samples=est.samples, batches=est.batches,
         converged=est.converged, stop_reason=est.stop_reason, split_half=est.split_half,

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .._utils import call_model, check_loss, eval_mode, materialize_batches
+from ..distributed import all_reduce_sum
 from ..units.base import Unit
 from ..units.heads import attention_layouts, by_name, head_gates, head_units
 from .base import ScoreContext, register_criterion
@@ -70,8 +71,9 @@ def michel_scores(
                 if g is not None:
                     acc[n] += g.detach().double().abs().cpu()
     scores = {}
+    batches = all_reduce_sum(len(data))  # under torch.distributed: every rank's batches
     for n, a in acc.items():
-        a = a / len(data)
+        a = all_reduce_sum(a) / batches
         scores[n] = a / (a.norm() + 1e-20) if normalize else a
     return np.array([float(scores[u.group][u.index]) for u in unit_list], dtype=np.float64)
 

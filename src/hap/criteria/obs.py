@@ -28,8 +28,10 @@ import torch
 import torch.nn as nn
 
 from .._utils import call_model, eval_mode
+from ..distributed import all_reduce_sum
 from ..repair.lsq import unfold_inputs
 from ..repair.obs import group_cost, spd_inverse
+from ..units._sliced import is_conv1d
 from .base import ScoreContext, register_criterion
 
 __all__ = ["consumer_columns", "layer_hessians"]
@@ -46,6 +48,10 @@ def consumer_columns(model: nn.Module, units: list[Any]) -> dict[str, dict[int, 
         for s in u.slices:
             mname, _, pname = s.param.rpartition(".")
             m = named.get(mname)
+            if s.role == "in" and pname == "weight" and s.dim == 0 and is_conv1d(m):
+                cols = list(s.indices)  # GPT-2's Conv1D: weight (in, out), a Linear's columns are its rows
+                out.setdefault(mname, {}).setdefault(pos, []).extend(cols)
+                continue
             if s.role != "in" or pname != "weight" or s.dim != 1:
                 continue
             if isinstance(m, nn.Linear):
@@ -74,9 +80,10 @@ def layer_hessians(model: nn.Module, layers: list[str], data: list[tuple[Any, An
         def fn(mod: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
             mask = current["mask"]
-            if isinstance(mod, nn.Linear) and mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+            linear = isinstance(mod, nn.Linear) or is_conv1d(mod)
+            if linear and mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
                 x = x[mask]
-            rows = unfold_inputs(mod, x).double()
+            rows = (x.reshape(-1, x.shape[-1]) if is_conv1d(mod) else unfold_inputs(mod, x)).double()
             h = rows.T @ rows
             acc[name] = h if name not in acc else acc[name] + h
         return fn
@@ -92,6 +99,7 @@ def layer_hessians(model: nn.Module, layers: list[str], data: list[tuple[Any, An
             h.remove()
     out = {}
     for n, h in acc.items():
+        h = all_reduce_sum(h)  # under torch.distributed: X^T X over every rank's batches
         lam = DAMPING * float(h.diagonal().mean().clamp_min(1e-12))
         out[n] = h + lam * torch.eye(len(h), dtype=h.dtype)
     return out
@@ -103,7 +111,8 @@ def _problems(ctx: ScoreContext) -> tuple[dict[str, dict[int, list[int]]], dict[
     cols = consumer_columns(ctx.model, list(ctx.units))
     hs = layer_hessians(ctx.model, list(cols), list(ctx.data))
     named = dict(ctx.model.named_modules())
-    ws = {n: named[n].weight.detach().double().reshape(named[n].weight.shape[0], -1) for n in cols}
+    ws = {n: (named[n].weight.detach().double().T if is_conv1d(named[n])  # Conv1D stores (in, out)
+              else named[n].weight.detach().double().reshape(named[n].weight.shape[0], -1)) for n in cols}
     return cols, hs, ws
 
 

@@ -6,9 +6,9 @@ reports the estimator's own uncertainty, or stops when the ranking has settled. 
 :class:`hap.units.Unit` slices, never a model family.
 """
 
-from .fisher import per_example_grads
+from .fisher import FisherSampler, per_example_grads
 from .hutchinson import TraceEstimate, estimate_traces
 from .reduce import UnitReducer
 from .stats import spearman
 
-__all__ = ["TraceEstimate", "estimate_traces", "per_example_grads", "UnitReducer", "spearman"]
+__all__ = ["TraceEstimate", "estimate_traces", "per_example_grads", "FisherSampler", "UnitReducer", "spearman"]

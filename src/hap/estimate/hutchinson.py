@@ -21,6 +21,7 @@ per-example gradients under labels sampled from the model, no probe vector at al
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,16 +32,19 @@ import torch.nn as nn
 from torch.func import grad, jvp, vmap
 from tqdm.auto import tqdm
 
+from .. import distributed as dist_
 from .._hf import eager_attention
 from .._utils import call_model, check_loss, eval_mode, materialize_batches
+from ..distributed import all_reduce_max, all_reduce_sum, collective, world_size
 from ..units.base import Unit
-from .fisher import fisher_samples, functional
+from .fisher import FisherSampler, functional
 from .reduce import UnitReducer
 from .stats import SampleStats
 
 __all__ = ["TraceEstimate", "estimate_traces"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+_RANK_SEED_STRIDE = 1_000_003  # rank r draws from seed + r * stride: independent streams, rank 0 unchanged
 
 
 @dataclass
@@ -64,6 +68,8 @@ class TraceEstimate:
             comparisons.
         samples_matrix: Per-sample per-unit estimates (``NaN`` where a partitioned probe skipped the unit),
             kept only when asked for.
+        fisher_backend: What served the Fisher's per-example squared gradients (``hooks``, ``vmap`` or
+            ``hooks+vmap``); empty for the Hessian.
     """
 
     trace: np.ndarray
@@ -79,6 +85,7 @@ class TraceEstimate:
     backend: str
     history: list[tuple[int, float, float, float]] = field(default_factory=list)
     samples_matrix: np.ndarray | None = None
+    fisher_backend: str = ""
 
 
 def _rademacher(shape: torch.Size, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -154,6 +161,7 @@ class _HVP:
         return vmap(one)(vs) if batched else one(vs)
 
 
+@collective
 def estimate_traces(
     model: nn.Module,
     loss_fn: LossFn,
@@ -177,6 +185,7 @@ def estimate_traces(
     progress: bool = True,
     keep_samples: bool = False,
     max_seconds: float | None = None,
+    fisher_backend: str = "auto",
 ) -> TraceEstimate:
     """Estimate ``Tr(H_uu)`` for every unit; stop when the estimates settle.
 
@@ -206,6 +215,7 @@ def estimate_traces(
         progress: Show a progress bar.
         keep_samples: Keep the per-sample matrix in the result (tests and studies).
         max_seconds: A time budget: stop (unconverged) once it is spent, checked after each batch visit.
+        fisher_backend: ``"auto"``, ``"vmap"`` or ``"hooks"``: see :class:`hap.estimate.fisher.FisherSampler`.
 
     Raises:
         ValueError: Bad settings, empty batches, units naming missing parameters.
@@ -238,7 +248,11 @@ def estimate_traces(
     params = {n: all_params[n] for n in names}
     shapes = {n: p.shape for n, p in params.items()}
     reducer = UnitReducer(units, shapes, scope=scope)
-    gen = torch.Generator().manual_seed(seed)
+    # Under torch.distributed each rank draws its own probes / labels (rank 0 keeps ``seed``: one process
+    # is unchanged) on its own batches; the samples are shared out so that all ranks together take
+    # ``max_samples``, and the statistics and every stopping decision are collective (SampleStats, _agree).
+    world, me = world_size(), dist_.rank()
+    gen = torch.Generator().manual_seed(seed + _RANK_SEED_STRIDE * me)
     stats = SampleStats(len(units))
     history: list[tuple[int, float, float, float]] = []
     start = time.perf_counter()
@@ -259,27 +273,33 @@ def estimate_traces(
         masks = _unit_masks(units, shapes, part_of, partitions)
 
     chosen = "fisher" if curvature == "fisher" else ("double_backward" if backend == "auto" else backend)
+    sampler = FisherSampler(model, loss_fn, params, reducer, fisher_backend) if curvature == "fisher" else None
+    if sampler is not None and fisher_backend == "hooks" and sampler.fallback:
+        warnings.warn(_fallback_note(sampler.fallback), stacklevel=2)
     converged = False
     reason = f"max_samples={max_samples} reached before tol={tol} or stability={stability}"
     samples = 0
     visits = 0
     product = 0
     dtype = next(iter(params.values())).dtype
-    bar = tqdm(total=max_samples, desc=f"curvature ({curvature})", disable=not progress, leave=False)
+    bar = tqdm(total=max_samples, desc=f"curvature ({curvature})", disable=not progress or me != 0, leave=False)
     # Fused attention kernels have no second derivative on CPU: Hugging Face models switch to eager
     # attention for the estimate and back after, without the caller having to know.
     with eval_mode(model), eager_attention(model):
         while samples < max_samples:
+            before = samples
+            share = _share(max_samples - samples, world, me)
             b_i = visits % len(data)
             batch = data[b_i]
             visits += 1
             if curvature == "fisher":
-                new = fisher_samples(model, loss_fn, params, batch, b_i, reducer, gen, max_samples - samples)
+                assert sampler is not None
+                new = sampler(batch, b_i, gen, share) if share > 0 else []
                 for row in new:
                     stats.add(row)
                 samples += len(new)
                 bar.update(len(new))
-            else:
+            elif share > 0:
                 try:
                     hvp = _HVP(model, loss_fn, params, batch, b_i, chosen)
                 except (RuntimeError, NotImplementedError) as e:  # functorch can't trace some modules
@@ -288,7 +308,7 @@ def estimate_traces(
                         hvp = _HVP(model, loss_fn, params, batch, b_i, chosen)
                     else:
                         raise
-                todo = min(samples_per_batch, max_samples - samples)
+                todo = min(samples_per_batch, share)
                 while todo > 0:
                     k = min(vectors_per_product, todo)
                     mask = masks[product % partitions] if masks is not None else None
@@ -299,7 +319,7 @@ def estimate_traces(
                         v = _rademacher(torch.Size((k, *shape)), gen, dtype)
                         if mask is not None:
                             v = v * mask[n] if n in mask else torch.zeros_like(v)
-                        vs[n] = v
+                        vs[n] = v.to(params[n].device)  # drawn on the CPU generator, used where the weights are
                     hv = hvp(vs, batched=True) if k > 1 else hvp({n: v[0] for n, v in vs.items()}, batched=False)
                     if k > 1:
                         t = reducer({n: vs[n] * hv[n] for n in names}, batched=True).numpy()
@@ -313,17 +333,21 @@ def estimate_traces(
                     todo -= k
                     bar.update(k)
                 del hvp
+            if world > 1:
+                samples = before + all_reduce_sum(samples - before)
+                if samples == before:
+                    break  # no rank had anything left to sample (cannot happen while share >= 1 on rank 0)
             if samples >= min_samples:
                 mean, se, count, split, med_rel = stats.summary(score_weight)
                 history.append((samples, time.perf_counter() - start, split, med_rel))
                 bar.set_postfix(split_half=f"{split:.3f}", rel_se=f"{med_rel:.3f}")
-                if med_rel <= tol:
+                if _agree(med_rel <= tol):
                     converged, reason = True, f"median relative standard error {med_rel:.3g} <= tol {tol}"
                     break
-                if stability is not None and split >= stability:
+                if stability is not None and _agree(split >= stability):
                     converged, reason = True, f"split-half rank stability {split:.3f} >= {stability}"
                     break
-            if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+            if max_seconds is not None and _agree(time.perf_counter() - start >= max_seconds):
                 reason = f"time budget max_seconds={max_seconds} spent before tol={tol} or stability={stability}"
                 break
     bar.close()
@@ -333,7 +357,7 @@ def estimate_traces(
         trace_se=se,
         samples_per_unit=count,
         samples=samples,
-        batches=min(visits, len(data)),
+        batches=all_reduce_sum(min(visits, len(data))),
         split_half=split,
         median_rel_se=med_rel,
         converged=converged,
@@ -342,4 +366,21 @@ def estimate_traces(
         backend=chosen,
         history=history,
         samples_matrix=stats.matrix() if keep_samples else None,
+        fisher_backend="" if sampler is None else sampler.backend,
     )
+
+
+def _share(remaining: int, world: int, me: int) -> int:
+    """This rank's part of the ``remaining`` samples (the first ranks take the remainder)."""
+    return remaining // world + int(me < remaining % world)
+
+
+def _agree(flag: bool) -> bool:
+    """A stopping decision every rank takes together: true if it holds on any rank."""
+    return bool(all_reduce_max(float(flag))) if world_size() > 1 else flag
+
+
+def _fallback_note(fallback: Mapping[str, str]) -> str:
+    first, why = next(iter(fallback.items()))
+    return (f"fisher_backend='hooks' cannot serve {len(fallback)} parameter(s) (e.g. '{first}': {why}); "
+            "they use per-example gradients (vmap)")

@@ -77,10 +77,13 @@ class UnitReducer:
         counts as zero (e.g. the part of a probe vector that a partition switched off).
         """
         lead = ()
+        dev = torch.device("cpu")
         for t in tensors.values():
             lead = tuple(t.shape[:1]) if batched else ()
+            dev = t.device
             break
-        out = torch.zeros(*lead, self.num_units, dtype=torch.float64)
+        # reduced where the tensors are (a GPU's per-example gradients never travel), returned on the CPU
+        out = torch.zeros(*lead, self.num_units, dtype=torch.float64, device=dev)
         off = 1 if batched else 0
         for p, d, pos, uid in self._sliced:
             x = tensors.get(p)
@@ -89,14 +92,51 @@ class UnitReducer:
             x = x.detach().to(torch.float64)
             x = x.movedim(d + off, off)
             r = x.reshape(*lead, x.shape[off], -1).sum(-1)
-            out.index_add_(off, uid, r.index_select(off, pos))
+            out.index_add_(off, uid.to(dev), r.index_select(off, pos.to(dev)))
         for p, items in self._masks.items():
             x = tensors.get(p)
             if x is None:
                 continue
             x = x.detach().to(torch.float64)
             for u_i, mask in items:
-                out[..., u_i] += x[..., mask].sum(-1) if batched else x[mask].sum()
+                m = mask.to(x.device)
+                out[..., u_i] += x[..., m].sum(-1) if batched else x[m].sum()
+        return out.cpu()
+
+    def needs(self) -> dict[str, tuple[set[int], bool]]:
+        """What each parameter must provide: ``{param: (dims, full)}``.
+
+        A parameter whose units slice it along one dim each needs only per-index sums along those dims
+        (``dims``); one that a unit slices along two dims at once (the overlapping rows and columns of an
+        ``x + conv(x)`` layer) needs the full elementwise tensor (``full``).
+        """
+        out: dict[str, tuple[set[int], bool]] = {}
+        for p, d, _, _ in self._sliced:
+            out.setdefault(p, (set(), False))[0].add(d)
+        for p in self._masks:
+            out[p] = (out.get(p, (set(), False))[0], True)
+        return out
+
+    def from_parts(self, marginals: Mapping[tuple[str, int], torch.Tensor],
+                   tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Batched per-unit sums ``[K, U]`` from per-index marginals and/or full tensors.
+
+        ``marginals[(p, d)]`` (shape ``[K, shape[d]]``) is the sum of the tensor over every dim of ``p``
+        but ``d``, which is all a single-dim slice needs; ``tensors`` holds full ``[K, *shape]`` tensors
+        for the rest (and for every parameter :meth:`needs` says needs them). A parameter in neither
+        counts as zero.
+        """
+        out = self(tensors, batched=True) if tensors else None
+        for p, d, pos, uid in self._sliced:
+            r = marginals.get((p, d))
+            if r is None or p in tensors:
+                continue
+            r = r.detach().to("cpu", torch.float64)  # [K, size]: small enough to move
+            if out is None:
+                out = torch.zeros(r.shape[0], self.num_units, dtype=torch.float64)
+            out.index_add_(1, uid, r.index_select(1, pos))
+        if out is None:
+            raise ValueError("from_parts needs at least one marginal or tensor")
         return out
 
     def counts(self) -> torch.Tensor:

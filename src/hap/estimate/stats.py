@@ -1,7 +1,7 @@
 """Statistics of an estimate: running per-sample records, standard errors, split-half rank stability.
 
 This is where every estimator's evidence is summarised, so it is also the one place a sharded
-(multi-process) estimate would have to combine its records.
+(multi-process) estimate combines its records (:class:`SampleStats`).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ..distributed import all_reduce_sum
 
 __all__ = ["spearman", "SampleStats"]
 
@@ -38,7 +40,15 @@ def _rankdata(x: np.ndarray) -> np.ndarray:
 
 
 class SampleStats:
-    """Running record of per-sample per-unit estimates; NaN marks units a sample did not cover."""
+    """Running record of per-sample per-unit estimates; NaN marks units a sample did not cover.
+
+    Under ``torch.distributed`` each rank records its own samples and :meth:`summary` combines the ranks
+    exactly: counts and sums are added across ranks, then the squared deviations from the *global* mean
+    (a second, numerically safe pass), then the sums and counts of each unit's even and odd samples, so
+    the means, standard errors and split halves are those of the union of all ranks' samples (each rank's
+    samples alternate between the halves in its own order). Every rank must call :meth:`summary` at the
+    same points.
+    """
 
     def __init__(self, num_units: int) -> None:
         self.rows: list[np.ndarray] = []
@@ -51,26 +61,31 @@ class SampleStats:
         return np.stack(self.rows) if self.rows else np.full((0, self.num_units), np.nan)
 
     def summary(self, weight: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+        """``(mean, se, count, split_half, median_rel_se)`` over every rank's samples."""
         m = self.matrix()
-        count = np.sum(~np.isnan(m), axis=0)
+        valid = ~np.isnan(m)
+        vals = np.where(valid, m, 0.0)
+        order = np.cumsum(valid, axis=0) - 1  # per-unit index of each sample
+        even = valid & (order % 2 == 0)
+        odd = valid & (order % 2 == 1)
+        first = np.stack([
+            valid.sum(0), vals.sum(0), even.sum(0), np.where(even, m, 0).sum(0), odd.sum(0),
+            np.where(odd, m, 0).sum(0), np.full(self.num_units, float(m.shape[0])),
+        ]).astype(np.float64)
+        count, total, n_even, s_even, n_odd, s_odd, rows_all = all_reduce_sum(first)
+        rows = int(rows_all[0]) if self.num_units else 0
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.nanmean(m, axis=0) if m.shape[0] else np.full(self.num_units, np.nan)
-            var = np.nanvar(m, axis=0, ddof=1) if m.shape[0] > 1 else np.full(self.num_units, np.inf)
+            mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+            dev = np.where(valid, m - mean, 0.0)
+            m2 = all_reduce_sum((dev * dev).sum(0))
+            var = np.where(count > 1, m2 / (count - 1), np.nan) if rows > 1 else np.full(self.num_units, np.inf)
             se = np.sqrt(var / np.maximum(count, 1))
             rel = np.abs(se / mean)
             rel = rel[np.isfinite(rel)]
             med_rel = float(np.median(rel)) if rel.size else float("inf")
         # Split halves per unit (each unit's own k-th sample, so partitioned probes split evenly too).
         w = np.ones(self.num_units) if weight is None else weight
-        half_a = np.full(self.num_units, np.nan)
-        half_b = np.full(self.num_units, np.nan)
-        if m.shape[0] >= 2:
-            valid = ~np.isnan(m)
-            order = np.cumsum(valid, axis=0) - 1  # per-unit index of each sample
-            even = valid & (order % 2 == 0)
-            odd = valid & (order % 2 == 1)
-            with np.errstate(invalid="ignore"):
-                half_a = np.where(even, m, 0).sum(0) / np.maximum(even.sum(0), 1)
-                half_b = np.where(odd, m, 0).sum(0) / np.maximum(odd.sum(0), 1)
-        split = spearman(half_a * w, half_b * w) if m.shape[0] >= 2 else float("nan")
-        return mean, se, count, split, med_rel
+        half_a = s_even / np.maximum(n_even, 1)
+        half_b = s_odd / np.maximum(n_odd, 1)
+        split = spearman(half_a * w, half_b * w) if rows >= 2 else float("nan")
+        return mean, se, count.astype(np.int64), split, med_rel

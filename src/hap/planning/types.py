@@ -30,7 +30,7 @@ __all__ = ["Target", "GroupPlan", "PruningPlan", "PlanError", "TARGET_KINDS", "i
            "pruned_share", "sequence_length"]
 
 FORMAT_VERSION = 1
-TARGET_KINDS = ("params", "flops", "channels", "heads")
+TARGET_KINDS = ("params", "flops", "channels", "heads", "latency")
 
 
 class PlanError(ValueError):
@@ -47,18 +47,23 @@ class Target:
         channels: Fraction of prunable channels removed or implanted (the reference code's
             "pruning ratio"; implanted channels count as pruned, as there).
         heads: Fraction of attention heads removed (units from ``hap.sensitivity(..., units="heads")``).
+        latency: Fraction of the dense model's CPU latency removed (0.5: twice as fast), as predicted by a
+            per-layer latency table measured on this machine (:mod:`hap.latency_table`) at its batch size.
     """
 
     params: float | None = None
     flops: float | None = None
     channels: float | None = None
     heads: float | None = None
+    latency: float | None = None
 
     def __post_init__(self) -> None:
         given = [(k, getattr(self, k)) for k in TARGET_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             names = ", ".join(k for k, _ in given) or "none"
-            raise ValueError(f"a Target needs exactly one of params=, flops=, channels=, heads= (got {names})")
+            raise ValueError(
+                f"a Target needs exactly one of params=, flops=, channels=, heads=, latency= (got {names})"
+            )
         k, v = given[0]
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not 0.0 < v < 1.0:
             raise ValueError(
@@ -68,7 +73,7 @@ class Target:
 
     @property
     def kind(self) -> str:
-        """``"params"``, ``"flops"``, ``"channels"`` or ``"heads"``."""
+        """``"params"``, ``"flops"``, ``"channels"``, ``"heads"`` or ``"latency"``."""
         return next(k for k in TARGET_KINDS if getattr(self, k) is not None)
 
     @property
@@ -82,7 +87,9 @@ class Target:
     def from_dict(cls, d: Mapping[str, Any]) -> Target:
         unknown = set(d) - set(TARGET_KINDS)
         if unknown:
-            raise ValueError(f"unknown target field(s) {sorted(unknown)}: use params, flops, channels or heads")
+            raise ValueError(
+                f"unknown target field(s) {sorted(unknown)}: use params, flops, channels, heads or latency"
+            )
         return cls(**{k: float(v) for k, v in d.items()})
 
     def __str__(self) -> str:
@@ -223,6 +230,9 @@ class PruningPlan:
             return self.channels_removed
         if kind == "heads":
             return self.heads_removed
+        if kind == "latency" and "latency" in self.settings:
+            lat = self.settings["latency"]
+            return 1.0 - float(lat["predicted_ms"]) / float(lat["dense_ms"])
         raise ValueError(f"unknown target kind {kind!r}")
 
     def example_inputs(self, device: torch.device | str | None = None) -> Any:
@@ -303,7 +313,7 @@ class PruningPlan:
         """Parse ``plan.json`` text; any malformation is a one-line ``ValueError``."""
         try:
             return cls.from_dict(json.loads(text))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError, RecursionError) as e:
             why = f"{type(e).__name__}: {first_line(e)}"
             raise ValueError(f"not a valid plan ({why}): re-create it with hap.plan") from e
 
@@ -324,6 +334,8 @@ class PruningPlan:
             return cls.from_json(p.read_text())
         except UnicodeDecodeError as e:
             raise ValueError(f"'{p}' is not a valid plan (not UTF-8 text): re-create it with hap.plan") from e
+        except ValueError as e:  # the message names the file: a run directory holds several
+            raise ValueError(f"'{p}' is {first_line(e)}") from e
 
 
 def pruned_share(groups: Sequence[GroupPlan], kind: str) -> float:

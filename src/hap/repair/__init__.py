@@ -4,7 +4,8 @@ Removing units changes what every later layer sees. :func:`repair` refits, in pl
 pruned model so that each of its layers computes what the same-named layer of the dense model computed:
 
 * **Layers.** Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` of the pruned model (inside a
-  :class:`hap.ImplantedConv`: its ``.kept`` conv and a pointwise ``.implant``), one after the other in
+  :class:`hap.ImplantedConv`: its ``.kept`` conv and a pointwise ``.implant``; GPT-2's transposed ``Conv1D``,
+  solved as the equivalent ``nn.Linear`` and written back), one after the other in
   the order the forward pass reaches them (found with forward pre-hooks on the first batch).
 * **Problem of one layer.** Inputs ``X``: what the layer receives in the pruned model *as repaired so
   far* (so errors of earlier layers are compensated, not compounded). Targets ``Y``: the output of the
@@ -68,7 +69,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .._utils import eval_mode, first_line, model_device
+from .._utils import eval_mode, first_line, model_device, uses_threads
+from ..distributed import collective
+from ._conv1d import conv1d_as_linear
 from ._plumbing import (
     _batch_inputs,
     _capture,
@@ -190,6 +193,8 @@ class RepairReport:
         return "\n".join(rows)
 
 
+@collective
+@uses_threads
 def repair(
     small: nn.Module,
     original: nn.Module,
@@ -201,6 +206,7 @@ def repair(
     layers: Sequence[str] | None = None,
     strategy: str = "lockstep",
     progress: bool = True,
+    threads: int | None = None,
 ) -> RepairReport:
     """Refit, in place, the weights of the pruned ``small`` so each layer reproduces ``original``'s same layer.
 
@@ -218,6 +224,8 @@ def repair(
         strategy: ``"lockstep"`` (one forward per batch and model, paused per layer in worker threads)
             or ``"restart"`` (every layer reruns the batches from the start up to that layer).
         progress: A tqdm bar over the layers.
+        threads: Torch CPU threads for the call (restored after); ``None``: :func:`hap._utils.default_threads`
+            (or the enclosing hap call's count).
 
     Returns:
         A :class:`RepairReport` (per-layer relative errors before/after, seconds, memory, examples).
@@ -257,13 +265,14 @@ def repair(
                     raise ValueError(f"layers names '{n}', which is not a Linear/Conv layer of the pruned model")
             skipped = {n: why for n, why in skipped.items() if n in layers}
             found = {n: lay for n, lay in found.items() if n in wanted}
-        order = _order(small, found, original, inputs[0])
-        for n in found:
-            if n not in order:
-                skipped[n] = "not reached by the forward pass"
-        report.skipped = skipped
-        run = _lockstep if strategy == "lockstep" else _restart
-        run(small, original, [found[n] for n in order], inputs, float(damping), report, progress)
+        with conv1d_as_linear(small, original, found):  # GPT-2's Conv1D as Linear while it is refit
+            order = _order(small, found, original, inputs[0])
+            for n in found:
+                if n not in order:
+                    skipped[n] = "not reached by the forward pass"
+            report.skipped = skipped
+            run = _lockstep if strategy == "lockstep" else _restart
+            run(small, original, [found[n] for n in order], inputs, float(damping), report, progress)
 
     report.seconds = time.perf_counter() - t_start
     report.peak_rss_mb = _rss_mb()
@@ -285,6 +294,7 @@ def _progress(items: list[_Layer], progress: bool) -> Any:
 def _finish(lay: _Layer, prob: _Problem, damping: float, report: RepairReport) -> None:
     """Solve one layer's problem, keep the better weights, record it."""
     t0 = time.perf_counter()
+    prob.finalize()  # under torch.distributed: the normal equations of every rank's batches
     if prob.n == 0:
         report.skipped[lay.name] = "no calibration rows (every row was padding)"
         return

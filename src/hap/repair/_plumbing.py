@@ -16,6 +16,7 @@ import torch.nn as nn
 from .._utils import call_model, eval_mode, first_line, model_device
 from ..implant import ImplantedConv
 from ..units import channel_groups, family_for_kind
+from ..units._sliced import is_conv1d
 from .lsq import _CONVS
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def _candidates(small: nn.Module) -> tuple[dict[str, tuple[nn.Module, str, str]]
     skipped: dict[str, str] = {}
     implanted: dict[str, ImplantedConv] = {n: m for n, m in small.named_modules() if isinstance(m, ImplantedConv)}
     for name, m in small.named_modules():
-        if not isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        if not (isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) or is_conv1d(m)):
             continue
         parent, _, leaf = name.rpartition(".")
         owner = next((p for p in implanted if name.startswith(p + ".implant.")), None)
@@ -150,14 +151,20 @@ def _candidates(small: nn.Module) -> tuple[dict[str, tuple[nn.Module, str, str]]
     return out, skipped
 
 
-def _unit_rows(unit: Any, layers: set[str]) -> dict[str, set[int]]:
-    """Original output rows of each conv/linear layer in ``layers`` that ``unit`` owns."""
+def _out_dim(m: nn.Module) -> int:
+    """The weight dim that indexes a layer's outputs: 0, or 1 for GPT-2's Conv1D (weight ``(in, out)``)."""
+    return 1 if is_conv1d(m) else 0
+
+
+def _unit_rows(unit: Any, layers: Mapping[str, int] | set[str]) -> dict[str, set[int]]:
+    """Original output rows of each conv/linear layer in ``layers`` (``{name: output dim}``) that ``unit`` owns."""
     rows: dict[str, set[int]] = {}
     for s in unit.slices:
-        if s.role != "out" or s.dim != 0 or not s.param.endswith(".weight"):
+        if s.role != "out" or not s.param.endswith(".weight"):
             continue
         layer = s.param[: -len(".weight")]
-        if layer in layers:
+        out_dim = layers.get(layer, 0) if isinstance(layers, Mapping) else 0
+        if layer in layers and s.dim == out_dim:
             rows.setdefault(layer, set()).update(int(i) for i in s.indices)
     return rows
 
@@ -166,7 +173,8 @@ def _plan_rows(original: nn.Module, plan: Any) -> tuple[dict[str, set[int]], dic
     """From a plan: original rows each layer lost, and (kept rows, implanted rows) of implanted roots."""
 
 
-    layers = {n for n, m in original.named_modules() if isinstance(m, (nn.Linear, *_CONVS))}
+    layers = {n: _out_dim(m) for n, m in original.named_modules()
+              if isinstance(m, (nn.Linear, *_CONVS)) or is_conv1d(m)}
     removed: dict[str, set[int]] = {}
     implants: dict[str, tuple[list[int], list[int]]] = {}
     channel = [g for g in plan.groups if getattr(g, "kind", "channel") == "channel" and (g.removed or g.implanted)]
@@ -219,7 +227,7 @@ def _resolve(small: nn.Module, original: nn.Module, plan: Any) -> tuple[dict[str
                 f"layer '{name}' of the pruned model has no layer '{source}' in the original: pass as original "
                 "the model it was pruned from (small = hap.prune(original, plan)), whose module names it keeps"
             )
-        if not isinstance(om, (nn.Linear, *_CONVS)) or (type(om) is not type(m) and role == "plain"):
+        if not (isinstance(om, (nn.Linear, *_CONVS)) or is_conv1d(om)) or (type(om) is not type(m) and role == "plain"):
             raise ValueError(
                 f"layer '{name}' of the pruned model is a {type(m).__name__} but '{source}' of the original is a "
                 f"{type(om).__name__}: pass as original the model it was pruned from"
@@ -228,7 +236,7 @@ def _resolve(small: nn.Module, original: nn.Module, plan: Any) -> tuple[dict[str
     layers: dict[str, _Layer] = {}
     for name, (m, source, role) in cands.items():
         om = named_o[source]
-        n_out = om.weight.shape[0]
+        n_out = om.weight.shape[_out_dim(om)]
         if role == "plain":
             lost = removed.get(source, set())
             keep = [r for r in range(n_out) if r not in lost]
@@ -236,13 +244,13 @@ def _resolve(small: nn.Module, original: nn.Module, plan: Any) -> tuple[dict[str
             keep = implants[source][0 if role == "kept" else 1]
         else:
             keep = []
-        if len(keep) != m.weight.shape[0]:
+        if len(keep) != m.weight.shape[_out_dim(m)]:
             if plan is None:
                 why = "pass plan= (the plan hap.prune used) so repair knows which of its outputs survived"
             else:
                 why = "pass the plan hap.prune made this model with"
             raise ValueError(
-                f"layer '{name}' has {m.weight.shape[0]} output channels but {len(keep)} of the original's "
+                f"layer '{name}' has {m.weight.shape[_out_dim(m)]} output channels but {len(keep)} of the original's "
                 f"'{source}' ({n_out}) are accounted for: {why}"
             )
         rows = None if keep == list(range(n_out)) else torch.tensor(keep, dtype=torch.long)

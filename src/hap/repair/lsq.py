@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["unfold_inputs"]
+from ..distributed import all_reduce_sum, world_size
+
+__all__ = ["unfold_inputs", "unfold_patches"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHUNK_BYTES = 32 * 2**20  # bound on the per-example products (B x d x d) formed at a time
@@ -40,6 +42,13 @@ def _unfold_cols(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(-2)
     kernel, dilation, stride = _spatial(module)
     return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+
+
+def unfold_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Unfolded patches ``(N, C_in * prod(kernel), output positions)`` of a Conv1d/Conv2d's input (im2col),
+    column order as in ``weight.reshape(out, -1)``: what the per-example gradients of the Fisher hooks
+    are made of."""
+    return _unfold_cols(module, x)
 
 
 def unfold_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +115,7 @@ class _Problem:
         self.yy = 0.0
         self.n = 0
         self.seconds = 0.0
+        self._final = False
 
     def add(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Add one batch: ``x`` what the layer receives, ``y`` the original layer's output (all channels).
@@ -114,6 +124,8 @@ class _Problem:
         per example for convs (sums over its output positions) or per block of at most ``_ROWS`` rows
         for linear layers, and summed into the float64 normal equations.
         """
+        if self._final:
+            raise RuntimeError(f"layer '{self.name}': batches added after its normal equations were finalised")
         t0 = time.perf_counter()
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self.rows is not None:
@@ -182,6 +194,19 @@ class _Problem:
             self.C[:, d, :] += yc.sum((0, 2), dtype=torch.float64)
         self.yy += yy
         self.n += rows
+
+    def finalize(self) -> None:
+        """Under ``torch.distributed``: add every rank's normal equations (``XᵀX``, ``XᵀY``, ``ΣY²``, rows)
+        into this one, once, so every rank solves the same problem over the union of the shards. Every
+        rank must call it for the same layers in the same order; a no-op for one process."""
+        if self._final:
+            return
+        self._final = True
+        if world_size() > 1:
+            self.G = all_reduce_sum(self.G)
+            self.C = all_reduce_sum(self.C)
+            self.yy = all_reduce_sum(float(self.yy))
+            self.n = all_reduce_sum(int(self.n))
 
     def error(self, wt: torch.Tensor) -> float:
         """``tr(WᵀGW) - 2 tr(WᵀC) + ΣY²`` summed over groups."""

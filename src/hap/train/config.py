@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import Config
+from ..config import Config, Problem, in_range
 
 __all__ = ["TrainConfig", "TrainResult", "MEMORY_FORMATS", "SCHEDULES"]
 
@@ -60,6 +60,17 @@ class TrainConfig(Config):
     memory_format: str = "auto"
     eval_every: int | None = None
     seed: int = 0
+
+    def problems(self) -> list[Problem]:
+        """The rules every task shares (:meth:`hap.train.Task.problems` adds the task's own)."""
+        out = super().problems()
+        if self.epochs is not None and not in_range(self.epochs, 0):
+            out.append(Problem("epochs", self.epochs, "must be >= 0"))
+        if self.steps is not None and not in_range(self.steps, 0, integer=True):
+            out.append(Problem("steps", self.steps, "must be an integer >= 0"))
+        if self.memory_format not in MEMORY_FORMATS:
+            out.append(Problem("memory_format", self.memory_format, f"must be one of {', '.join(MEMORY_FORMATS)}"))
+        return out
 
 
 @dataclass

@@ -22,7 +22,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .._utils import call_model
+from .._utils import call_model, uses_threads
+from ..distributed import (
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    collective,
+    data_parallel,
+    is_distributed,
+    is_main,
+    shard_batch,
+)
 from ..metrics import evaluate, logits_of
 from .checkpoint import (
     load_optimizer_tensors,
@@ -44,6 +56,8 @@ def _kd_loss(out: torch.Tensor, teacher_out: torch.Tensor, temperature: float) -
     return F.kl_div(F.log_softmax(out / T, -1), F.softmax(teacher_out / T, -1), reduction="batchmean") * T * T
 
 
+@collective
+@uses_threads
 def train(
     model: nn.Module,
     data: Any,
@@ -55,6 +69,7 @@ def train(
     teacher: nn.Module | None = None,
     progress: bool = True,
     tag: Mapping[str, Any] | None = None,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``'s train split; keep the weights best on its val split.
 
@@ -69,6 +84,9 @@ def train(
         progress: Show progress bars (redrawn only on a terminal; a log gets one line per epoch).
         tag: What else identifies the run (model, data), stored with each checkpoint: a resume with
             other values is refused, naming them.
+        threads: Torch CPU threads (restored after); ``None``: :func:`hap._utils.default_threads` (or the
+            enclosing hap call's count). A resumed run without ``threads`` uses the count it started with:
+            gradients of a conv differ in the last bits between thread counts, and resuming must not.
 
     Raises:
         RuntimeError: The training loss became NaN/inf (lower the learning rate).
@@ -87,7 +105,9 @@ def train(
     start_epoch = step = 0
     resumed_layout: str | None = None  # a resumed run keeps the layout it started with (same arithmetic)
     best_state: dict[str, torch.Tensor] | None = None
-    ck = read_checkpoint(out) if resume and out is not None else None
+    ck = read_checkpoint(out) if resume and out is not None and is_main() else None
+    if resume and out is not None and is_distributed():
+        ck = broadcast_object(ck)  # rank 0 finds and verifies the checkpoint; every rank loads those files
     if ck is not None:
         meta = ck.meta
         changed = resume_differences(meta, cfg.to_dict(), tag)
@@ -104,6 +124,8 @@ def train(
         start_epoch = int(meta["epoch"]) + 1
         step = int(meta.get("step", start_epoch * spe))
         resumed_layout = meta.get("memory_format")
+        if threads is None and meta.get("threads"):  # same arithmetic as the run it continues
+            torch.set_num_threads(int(meta["threads"]))  # @uses_threads restores the caller's count
         result.history = meta["history"]
         result.best_val_acc = meta["best_val_acc"]
         result.best_epoch = int(meta["best_epoch"])
@@ -114,11 +136,16 @@ def train(
         teacher.eval()
     t0 = time.perf_counter()
     layout = task.prepare(model, data, cfg, resumed_layout) if step < total else (resumed_layout or "contiguous")
+    # Under torch.distributed: DDP (rank 0's weights to all, gradients averaged), each rank training on its
+    # share of every global batch (hap.distributed.shard_batch); rank 0 alone writes, the others wait.
+    net = data_parallel(model)
+    main = is_main()
     result.memory_format = layout
     losses: list[float] = []
 
     def validate(epoch: int, row: dict[str, Any]) -> None:
         nonlocal best_state
+        broadcast_buffers(model)  # every rank evaluates (and keeps) the same model
         val = evaluate(model, task.eval_batches(data, "val"))
         model.train()
         row.update(val_acc=val["acc"], val_loss=val["loss"])
@@ -133,26 +160,27 @@ def train(
         total_loss = 0.0
         steps = min(spe, total - step)
         # disable=None: a bar only on a terminal; a log file would get one redraw per update
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{n_epochs}", disable=None if progress else True,
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{n_epochs}", disable=None if progress and main else True,
                    leave=False)
         for i, (x, y) in enumerate(task.train_batches(data, cfg, epoch)):
             if i >= steps:
                 break
             for g in opt.param_groups:
                 g["lr"] = task.lr(cfg, step, total, spe)
-            logits = logits_of(call_model(model, task.to_input(x, layout)))
+            x, y, share = shard_batch(x, y)
+            logits = logits_of(call_model(net, task.to_input(x, layout)))
             loss = F.cross_entropy(logits, y)
             if teacher is not None and cfg.kd_alpha > 0:
                 with torch.no_grad():
                     t_out = logits_of(call_model(teacher, x))
                 loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * _kd_loss(logits, t_out, cfg.kd_temperature)
-            if not torch.isfinite(loss):
+            if any_rank(not bool(torch.isfinite(loss))):
                 model.eval()
                 raise RuntimeError(
                     f"training loss is {loss.item()} at epoch {epoch + 1} step {step}: lower the learning rate"
                 )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share).backward()
             if cfg.grad_clip and cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -168,20 +196,24 @@ def train(
                 validate(epoch, {"step": step, "epoch": epoch,
                                  "loss": float(sum(losses[-cfg.eval_every:]) / len(losses[-cfg.eval_every:]))})
         bar.close()
+        seen, correct, total_loss = all_reduce_sum(seen), all_reduce_sum(correct), all_reduce_sum(total_loss)
         row = {"epoch": epoch, "step": step, "train_loss": total_loss / max(seen, 1),
                "train_acc": correct / max(seen, 1), "lr": opt.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0}
         if task.validate_each_epoch:
             validate(epoch, row)
-        if out is not None:
+        if out is not None and main:
             sets = {"last.safetensors": model.state_dict(), "last_optim.safetensors": optimizer_tensors(opt, params)}
             if best_state is not None:
                 sets["best.safetensors"] = best_state
             write_checkpoint(out, sets, {
                 "epoch": epoch, "step": step, "history": result.history, "best_val_acc": result.best_val_acc,
                 "best_epoch": result.best_epoch, "best_step": result.best_step, "config": cfg.to_dict(),
-                "memory_format": layout, "task": task.name, **({"tag": dict(tag)} if tag is not None else {})})
-        if progress:
+                "memory_format": layout, "threads": torch.get_num_threads(), "task": task.name,
+                **({"tag": dict(tag)} if tag is not None else {})})
+        if out is not None:
+            barrier()  # the other ranks wait for rank 0's checkpoint (and learn if writing it failed)
+        if progress and main:
             val = f" | val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
             tqdm.write(f"epoch {epoch + 1}/{n_epochs}: train loss {row['train_loss']:.3f} "
                        f"acc {row['train_acc']:.4f}{val}")
@@ -189,8 +221,10 @@ def train(
         model.load_state_dict(best_state)
     task.finish(model, layout)
     model.eval()
-    if out is not None:
+    if out is not None and main:
         save_weights(model, out / "best.safetensors")  # the kept weights: what --checkpoint takes
+    if out is not None:
+        barrier()
     if not result.history and losses:
         result.history.append({"step": step, "loss": float(sum(losses[-25:]) / len(losses[-25:]))})
     result.steps = step

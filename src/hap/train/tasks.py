@@ -23,8 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..metrics import accuracy
-from .config import MEMORY_FORMATS, TrainConfig
+from ..config import Problem
+from ..distributed import broadcast_object
+from ..metrics import accuracy, logits_of
+from .config import TrainConfig
 
 __all__ = ["Task", "VisionTask", "TextTask", "recalibrate_bn", "pick_memory_format"]
 
@@ -43,11 +45,17 @@ class Task:
         """``cfg`` with every ``None`` field the task has a default for filled in, validated."""
         fill = {k: v for k, v in self.DEFAULTS.items() if getattr(cfg, k) is None}
         cfg = cfg.replace(**fill)
-        if cfg.epochs is not None and cfg.epochs < 0:
-            raise ValueError("epochs must be >= 0")
-        if cfg.schedule not in self.SCHEDULES:
-            raise ValueError(f"unknown schedule {cfg.schedule!r} for {self.name}: use {' or '.join(self.SCHEDULES)}")
+        found = self.problems(cfg)
+        if found:
+            raise ValueError("; ".join(str(p) for p in found))
         return cfg
+
+    def problems(self, cfg: TrainConfig) -> list[Problem]:
+        """:meth:`TrainConfig.problems` and this task's own rules (its schedules), for ``cfg`` as given."""
+        out = cfg.problems()
+        if cfg.schedule is not None and cfg.schedule not in self.SCHEDULES:
+            out.append(Problem("schedule", cfg.schedule, f"must be {' or '.join(self.SCHEDULES)} for {self.name}"))
+        return out
 
     # -- the budget -------------------------------------------------------------------------------
     def steps_per_epoch(self, data: Any, cfg: TrainConfig) -> int:
@@ -163,7 +171,7 @@ def _step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fmt: torch
     best = float("inf")
     for i in range(reps + 1):  # the first repetition warms up (allocator, oneDNN kernel choice)
         t0 = time.perf_counter()
-        F.cross_entropy(m(x), y).backward()
+        F.cross_entropy(logits_of(m(x)), y).backward()  # a Hugging Face classifier returns .logits
         m.zero_grad(set_to_none=True)
         if i:
             best = min(best, time.perf_counter() - t0)
@@ -195,12 +203,6 @@ class VisionTask(Task):
 
     def __init__(self, eval_batch_size: int = 512) -> None:
         self.eval_batch_size = eval_batch_size
-
-    def resolve(self, cfg: TrainConfig) -> TrainConfig:
-        cfg = super().resolve(cfg)
-        if cfg.memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {cfg.memory_format!r}")
-        return cfg
 
     def split_labels(self, data: Any, split: str) -> torch.Tensor:
         return data.split(split).labels
@@ -258,7 +260,7 @@ class VisionTask(Task):
         if fmt == "auto":
             gen = torch.Generator().manual_seed(cfg.seed)
             x, y = next(iter(data.loader("train", cfg.batch_size, shuffle=True, augment=False, generator=gen)))
-            fmt = pick_memory_format(model, x, y)
+            fmt = broadcast_object(pick_memory_format(model, x, y))  # rank 0's timing: one layout on all ranks
         if fmt == "channels_last":
             model.to(memory_format=torch.channels_last)
         return fmt

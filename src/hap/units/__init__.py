@@ -1,7 +1,8 @@
 """Unit families: what can be pruned, found in a model and removed physically.
 
 ``channels`` (Torch-Pruning dependency groups of Conv/Linear layers), ``heads`` (attention heads of
-Hugging Face-style encoders) and ``neurons`` (their feed-forward neurons) are registered here; a new
+Hugging Face-style encoders, decoder LLMs with grouped-query attention, GPT-2 and ViT) and ``neurons`` (their
+feed-forward neurons) are registered here; a new
 family implements :class:`UnitFamily` and calls :func:`register_family` — nothing else in hap changes
 (the planner and surgery dispatch on the kind).
 """

@@ -14,9 +14,19 @@ from .._hf import eager_attention
 from .base import Unit
 
 
-def keep_linear(lin: nn.Linear, idx: torch.Tensor, dim: int, outputs: bool) -> None:
-    """Keep entries ``idx`` along weight dim ``dim`` of ``lin``, in place (the module object, its hooks
-    and its name stay); ``outputs``: they are the layer's outputs, so its bias is sliced too."""
+def is_conv1d(m: object) -> bool:
+    """GPT-2's ``transformers.pytorch_utils.Conv1D``, recognised without importing transformers: a Linear
+    whose weight is stored transposed, ``(nx = in, nf = out)``."""
+    return (isinstance(m, nn.Module) and type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
+            and isinstance(getattr(m, "nx", None), int) and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 2)
+
+
+def keep_linear(lin: nn.Module, idx: torch.Tensor, dim: int, outputs: bool) -> None:
+    """Keep entries ``idx`` along weight dim ``dim`` of ``lin`` (an ``nn.Linear`` or GPT-2's Conv1D), in place
+    (the module object, its hooks and its name stay); ``outputs``: they are the layer's outputs, so its bias
+    is sliced too and its output width (``out_features`` / ``nf``) follows, else its input width."""
+    conv1d = is_conv1d(lin)
     with torch.no_grad():
         w = lin.weight
         lin.weight = nn.Parameter(w.index_select(dim, idx.to(w.device)).clone(), requires_grad=w.requires_grad)
@@ -24,9 +34,9 @@ def keep_linear(lin: nn.Linear, idx: torch.Tensor, dim: int, outputs: bool) -> N
             if lin.bias is not None:
                 b = lin.bias
                 lin.bias = nn.Parameter(b.index_select(0, idx.to(b.device)).clone(), requires_grad=b.requires_grad)
-            lin.out_features = len(idx)
+            setattr(lin, "nf" if conv1d else "out_features", len(idx))
         else:
-            lin.in_features = len(idx)
+            setattr(lin, "nx" if conv1d else "in_features", len(idx))
 
 
 class SlicedFamily:

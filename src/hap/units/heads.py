@@ -11,6 +11,9 @@ MiniLM, ... share the first; DistilBERT is the second; ALBERT the third):
 - ``fused``: one module with ``q_lin``/``k_lin``/``v_lin``/``out_lin`` (DistilBERT).
 - ``albert``: one module with ``query``/``key``/``value``/``dense`` whose ``forward`` also applies the
   residual LayerNorm (ALBERT).
+- ``gqa`` (Llama, Mistral, Qwen2: ``q_proj``/``k_proj``/``v_proj``/``o_proj``, grouped-query attention;
+  a unit is one KV group) and ``gpt2`` (fused ``c_attn`` Conv1D + ``c_proj``): decoder layouts, in
+  :mod:`hap.units.decoder`, which says why a GQA unit is a whole KV group.
 
 A head ``h`` owns rows ``[h*d, (h+1)*d)`` of Q, K and V (weights and biases) and the same columns of
 the output projection; the output projection's bias belongs to no head. The v5 cores reshape with
@@ -37,6 +40,7 @@ import torch.nn as nn
 
 from ._sliced import SlicedFamily, keep_linear
 from .base import ROLE_IN, ROLE_OUT, ParamSlice, Unit, UnsupportedLayerError
+from .decoder import decoder_geometry, decoder_slices, prune_decoder_heads
 
 __all__ = [
     "AttentionLayout",
@@ -66,9 +70,12 @@ class AttentionLayout:
             the ``group`` of the block's head units and the key of ``prune_heads``/``mask_heads``.
         core: Qualified name of the module whose ``forward`` splits the heads (holds the head count).
         query, key, value, output: Qualified names of the four ``nn.Linear`` layers.
-        num_heads: Current number of heads (after any pruning).
-        head_size: Width of one head.
-        style: ``"split"``, ``"fused"`` or ``"albert"`` (see the module docstring).
+        num_heads: Current number of units (after any pruning): heads, or KV groups for ``gqa``.
+        head_size: Width of one unit in the query rows and output-projection columns (``n_rep * head_dim``
+            for a ``gqa`` KV group).
+        style: ``"split"``, ``"fused"``, ``"albert"``, ``"gqa"`` or ``"gpt2"`` (see the module docstring).
+        kv_size: Width of one unit in the key/value rows (0: ``head_size``).
+        heads_per_unit: Query heads per unit (``num_key_value_groups`` for ``gqa``, else 1).
     """
 
     name: str
@@ -80,6 +87,18 @@ class AttentionLayout:
     num_heads: int
     head_size: int
     style: str
+    kv_size: int = 0
+    heads_per_unit: int = 1
+
+    @property
+    def query_heads(self) -> int:
+        """Query heads the block has now."""
+        return self.num_heads * self.heads_per_unit
+
+    @property
+    def decoder(self) -> bool:
+        """A decoder layout (``gqa`` / ``gpt2``), sliced by :mod:`hap.units.decoder`."""
+        return self.style in ("gqa", "gpt2")
 
     def head_indices(self, heads: Iterable[int]) -> torch.Tensor:
         """Row (Q/K/V) or column (output) indices of ``heads``, in order."""
@@ -129,7 +148,7 @@ def _check_shapes(layout: AttentionLayout, lin: Mapping[str, nn.Linear]) -> None
             raise UnsupportedLayerError(
                 f"attention module '{layout.name}': {role} has {lin[role].out_features} outputs but "
                 f"{layout.num_heads} heads x {layout.head_size} = {width}; grouped/multi-query attention "
-                "(fewer key/value heads) is not supported"
+                "(fewer key/value heads) is supported in the q_proj/k_proj/v_proj/o_proj (Llama) layout only"
             )
     if lin["output"].in_features != width:
         raise UnsupportedLayerError(
@@ -155,6 +174,10 @@ def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
                 f"module '{name}' is a torch.nn.MultiheadAttention (fused in_proj_weight); hap slices "
                 "heads of Hugging Face-style attention with separate query/key/value Linear layers only"
             )
+        geometry = decoder_geometry(name, m)
+        if geometry is not None:
+            layouts.append(AttentionLayout(**geometry))
+            continue
         if _has_linears(m, ("q_lin", "k_lin", "v_lin", "out_lin")):
             style, core_name, parts = "fused", name, ("q_lin", "k_lin", "v_lin", "out_lin")
             group, out_name = name, _join(name, "out_lin")
@@ -186,8 +209,8 @@ def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
                     raise UnsupportedLayerError(
                         f"module '{name}' ({type(m).__name__}) looks like attention ({'/'.join(names)} "
                         "projections) but its layout is not supported; hap slices BERT/RoBERTa-style "
-                        "(query/key/value + output.dense) and DistilBERT-style (q_lin/k_lin/v_lin/out_lin) "
-                        "attention"
+                        "(query/key/value + output.dense), DistilBERT-style (q_lin/k_lin/v_lin/out_lin), "
+                        "Llama-style (q_proj/k_proj/v_proj/o_proj + head_dim) and GPT-2 (c_attn/c_proj) attention"
                     )
             continue
         q_name, k_name, v_name = (_join(core_name, p) for p in parts[:3])
@@ -199,8 +222,8 @@ def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
     if not layouts:
         raise ValueError(
             f"{type(model).__name__} has no supported attention module: head units need Hugging Face-style "
-            "attention (query/key/value Linear layers and an output projection, or DistilBERT's "
-            "q_lin/k_lin/v_lin/out_lin)"
+            "attention (query/key/value Linear layers and an output projection, DistilBERT's "
+            "q_lin/k_lin/v_lin/out_lin, Llama's q_proj/k_proj/v_proj/o_proj or GPT-2's c_attn/c_proj)"
         )
     return layouts
 
@@ -210,6 +233,8 @@ def head_units(model: nn.Module) -> list[Unit]:
 
     A unit holds its rows of Q, K, V (weights and biases, role ``"out"``) and its columns of the output
     projection (role ``"in"``); ``group`` is the attention module's qualified name, ``index`` the head.
+    For ``gqa`` layouts a unit is a KV group (its query heads' rows, its K/V head's rows); for GPT-2 its
+    columns of the fused ``c_attn`` (dim 1) and rows of ``c_proj`` (Conv1D weights are ``(in, out)``).
 
     Raises:
         UnsupportedLayerError: An attention-like module with a layout hap cannot slice (named).
@@ -218,6 +243,9 @@ def head_units(model: nn.Module) -> list[Unit]:
     params = dict(model.named_parameters())
     units: list[Unit] = []
     for lay in attention_layouts(model):
+        if lay.decoder:
+            units += [Unit(lay.name, h, decoder_slices(lay, h, params), kind="head") for h in range(lay.num_heads)]
+            continue
         d = lay.head_size
         for h in range(lay.num_heads):
             idx = tuple(range(h * d, (h + 1) * d))
@@ -383,6 +411,9 @@ def prune_heads(model: nn.Module, heads_to_remove: Mapping[str, Iterable[int]]) 
             continue
         lay = layouts[name]
         keep = [h for h in range(lay.num_heads) if h not in set(remove)]
+        if lay.decoder:
+            prune_decoder_heads(model, lay, keep)
+            continue
         if not keep and lay.style == "albert":
             raise ValueError(
                 f"cannot remove all {lay.num_heads} heads of '{name}': its module also applies the residual "

@@ -11,15 +11,18 @@ of :class:`MLPAdapter` rows (no model classes, no ``transformers`` import):
 - ``bert``: a module with ``intermediate.dense`` (up) and ``output.dense`` (down) — a BERT-style layer
   (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM, ...). The group is the layer, e.g. ``bert.encoder.layer.0``.
 - ``distilbert``: a module with ``lin1`` (up) and ``lin2`` (down), e.g. ``distilbert.transformer.layer.0.ffn``.
-
-A gated MLP (LLaMA: ``gate_proj`` and ``up_proj`` rows, ``down_proj`` columns) is one more row with
-two up projections; GPT-2's ``Conv1D`` (weights stored transposed) is a row with ``up_dim=1, down_dim=0``
-plus a layer check — the slicing below is written for those dims already.
+- ``fc``: ``fc1`` (up) and ``fc2`` (down): transformers v5's ViT/DeiT MLP (``vit.encoder.layer.0.mlp``).
+- ``gated``: ``gate_proj`` and ``up_proj`` (both up: their rows go together) and ``down_proj`` — the gated
+  MLP of Llama, Mistral, Qwen2 (``down(act(gate(x)) * up(x))``), e.g. ``model.layers.0.mlp``.
+- ``gpt2``: ``c_fc`` (up) and ``c_proj`` (down), GPT-2's ``Conv1D`` layers, whose weights are stored
+  transposed (``(in, out)``): neurons are columns of ``c_fc`` (``up_dim=1``) and rows of ``c_proj``
+  (``down_dim=0``), e.g. ``transformer.h.0.mlp``.
 
 A block may lose *every* neuron: ``down(act(up(x)))`` with an intermediate width of 0 is the down
-projection's bias (a matrix product over an empty dimension is 0), which every such block computes
+projection's bias (a matrix product over an empty dimension is 0), which ``nn.Linear`` blocks compute
 without a special case; :func:`prune_neurons` supports it and the tests check it against the masked
-model. The planner still keeps one unit per group (its rule for every kind).
+model. GPT-2's Conv1D cannot take an empty input (it reshapes with ``view(-1, 0)``), so a ``gpt2`` block
+keeps at least one neuron. The planner keeps one unit per group anyway (its rule for every kind).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._sliced import SlicedFamily, keep_linear
+from ._sliced import SlicedFamily, is_conv1d, keep_linear
 from .base import ROLE_IN, ROLE_OUT, ParamSlice, Unit, UnsupportedLayerError
 
 __all__ = ["MLPAdapter", "MLPLayout", "ADAPTERS", "mlp_layouts", "neuron_units", "mask_neurons",
@@ -62,6 +65,9 @@ class MLPAdapter:
 ADAPTERS: tuple[MLPAdapter, ...] = (
     MLPAdapter("bert", ("intermediate.dense",), "output.dense"),
     MLPAdapter("distilbert", ("lin1",), "lin2"),
+    MLPAdapter("fc", ("fc1",), "fc2"),
+    MLPAdapter("gated", ("gate_proj", "up_proj"), "down_proj"),
+    MLPAdapter("gpt2", ("c_fc",), "c_proj", up_dim=1, down_dim=0),
 )
 
 
@@ -88,14 +94,15 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _linear_at(named: Mapping[str, nn.Module], name: str) -> nn.Linear | None:
+def _linear_at(named: Mapping[str, nn.Module], name: str, conv1d: bool = False) -> nn.Module | None:
     m = named.get(name)
-    return m if isinstance(m, nn.Linear) else None
+    return m if (is_conv1d(m) if conv1d else isinstance(m, nn.Linear)) else None
 
 
 def _match(named: Mapping[str, nn.Module], name: str, ad: MLPAdapter) -> MLPLayout | None:
-    ups = [_linear_at(named, _join(name, u)) for u in ad.up]
-    down = _linear_at(named, _join(name, ad.down))
+    conv1d = ad.up_dim == 1  # GPT-2's transposed Conv1D
+    ups = [_linear_at(named, _join(name, u), conv1d) for u in ad.up]
+    down = _linear_at(named, _join(name, ad.down), conv1d)
     if down is None or any(u is None for u in ups):
         return None
     width = down.weight.shape[ad.down_dim]
@@ -128,7 +135,8 @@ def mlp_layouts(model: nn.Module, adapters: Sequence[MLPAdapter] = ADAPTERS) -> 
     if not out:
         raise ValueError(
             f"{type(model).__name__} has no supported feed-forward block: neuron units need BERT-style "
-            "(intermediate.dense -> output.dense) or DistilBERT-style (ffn.lin1 -> ffn.lin2) Linear layers"
+            "(intermediate.dense -> output.dense), DistilBERT-style (ffn.lin1 -> ffn.lin2), ViT-style "
+            "(fc1 -> fc2), gated (gate_proj, up_proj -> down_proj, as Llama) or GPT-2 (mlp.c_fc -> mlp.c_proj) layers"
         )
     return out
 
@@ -212,11 +220,11 @@ def prune_neurons(model: nn.Module, neurons_to_remove: Mapping[str, Iterable[int
     Args:
         model: Modified in place.
         neurons_to_remove: ``{block name: [neuron, ...]}``, names as ``Unit.group`` of :func:`neuron_units`,
-            indices counted in the model as it is now. Every neuron of a block may go: the block then adds
-            only the down projection's bias (see the module docstring).
+            indices counted in the model as it is now. Every neuron of a block may go (except in GPT-2's
+            Conv1D blocks): the block then adds only the down projection's bias (see the module docstring).
 
     Raises:
-        ValueError: An unknown block or an index out of range.
+        ValueError: An unknown block, an index out of range, or every neuron of a ``gpt2`` block.
     """
     layouts = {lay.name: lay for lay in mlp_layouts(model)}
     checked = _check(layouts, neurons_to_remove)
@@ -226,10 +234,17 @@ def prune_neurons(model: nn.Module, neurons_to_remove: Mapping[str, Iterable[int
             continue
         lay = layouts[name]
         gone = set(remove)
+        if lay.adapter.style == "gpt2" and len(gone) >= lay.width:
+            raise ValueError(
+                f"cannot remove all {lay.width} neurons of '{name}': GPT-2's Conv1D cannot take an empty input, "
+                "so at least one neuron must stay"
+            )
         idx = torch.tensor([i for i in range(lay.width) if i not in gone], dtype=torch.long)
         for up in lay.up:
             keep_linear(named[up], idx, lay.adapter.up_dim, True)  # type: ignore[arg-type]
         keep_linear(named[lay.down], idx, lay.adapter.down_dim, False)  # type: ignore[arg-type]
+        if isinstance(getattr(named[name], "intermediate_size", None), int):
+            named[name].intermediate_size = len(idx)  # Llama's MLP keeps it as bookkeeping only
     return model
 
 

