@@ -122,3 +122,19 @@ def test_post_training_mode_repairs_without_fine_tuning(fmnist_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # argparse refuses an unknown repair with its usage line
         main(["prune", "--data-root", str(fmnist_dir), "--repair", "magic", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
+
+
+def test_demo_runs_both_steps_with_its_defaults(monkeypatch, tmp_path):
+    """``hap demo`` drives ``hap train`` then ``hap prune`` through their real parsers (both stubbed here:
+    the real demo takes minutes); every namespace the steps read must be complete, ``--threads`` included."""
+    import hap.cli.prune as prune_cli
+    import hap.cli.vision as vision_cli
+
+    seen = {}
+    monkeypatch.setattr(vision_cli, "cmd_train", lambda a: seen.setdefault("train", a) and 0)
+    monkeypatch.setattr(prune_cli, "cmd_prune", lambda a: seen.setdefault("prune", a) and 0)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--threads", "1", "--no-progress"]) == 0
+    t, p = seen["train"], seen["prune"]
+    assert t.threads == 1 and p.threads == 1 and t.epochs == 3 and t.subset == 12000
+    assert p.target == "params=0.7" and getattr(p, "plan.round_to") == 8 and p.checkpoint.endswith("best.safetensors")
+    assert p.out == str(tmp_path / "demo" / "params70")

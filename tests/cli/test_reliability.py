@@ -188,6 +188,17 @@ def tampered_checkpoint(c: Ctx, mp: pytest.MonkeyPatch) -> tuple[str, object]:
     return _line(err).split(" (truncated")[0] + " ...", rc
 
 
+
+def tampered_plan(c: Ctx, mp: pytest.MonkeyPatch) -> tuple[str, object]:
+    run = c.fresh("tampered-plan", c.pruned)
+    plan = json.loads((run / "plan.json").read_text())
+    g = next(g for g in plan["groups"] if g["removed"] and len(g["kept"]) >= len(g["removed"]))
+    n = len(g["removed"])  # same counts, other units: still a valid plan, only the manifest can tell
+    g["kept"], g["removed"] = sorted(g["kept"][n:] + g["removed"]), sorted(g["kept"][:n])
+    (run / "plan.json").write_text(json.dumps(plan))
+    rc, err = c.hap("eval", "--run", run, quiet=False)
+    return _line(err).split(" (changed")[0] + " ...", rc
+
 def out_under_a_regular_file(c: Ctx, mp: pytest.MonkeyPatch) -> tuple[str, object]:
     f = c.base / "a-file"
     f.write_text("x")
@@ -343,6 +354,7 @@ CASES: list[tuple[str, str, Callable[[Ctx, pytest.MonkeyPatch], tuple[str, objec
     ("2", "`--threads 0`", threads_zero),
     ("3", "Ctrl-C / kill between two files of epoch 2's checkpoint", kill_inside_a_checkpoint_write),
     ("3", "`--resume` from a checkpoint whose file was altered", tampered_checkpoint),
+    ("3", "`hap eval --run` on a run whose plan.json was edited after it finished", tampered_plan),
     ("4", "retry after a failed run (its `config.json` left behind)", failed_run_leftovers_block_nothing),
     ("4", "`--resume` where nothing was checkpointed (killed in epoch 1)", resume_with_nothing_checkpointed),
     ("4", "an unfinished run, without `--resume`", unfinished_run_without_resume),

@@ -25,7 +25,7 @@ from typing import Any
 
 __all__ = ["UserError", "parse_target", "check_run_dir", "clear_run_dir", "commit_run", "run_state",
            "os_error_line", "write_json", "print_table", "config_option", "get_path", "set_path", "offline",
-           "MANIFEST", "THREADS_HELP"]
+           "MANIFEST", "THREADS_HELP", "verify_run"]
 
 MANIFEST = "manifest.json"  # written last: a run directory holding it is a finished run
 _PENDING = ".commit-pending"  # exists only while a commit is being written
@@ -163,6 +163,30 @@ def commit_run(out: Path, files: Sequence[str]) -> Iterator[None]:
                                 "hap": __version__})
     (out / _PENDING).unlink(missing_ok=True)
 
+
+
+def verify_run(run: Path, names: Sequence[str] | None = None) -> None:
+    """Refuse a finished run whose files no longer match the checksums its manifest recorded.
+
+    A plan edited by hand (kept and removed units traded at the same counts), weights copied over from
+    another run or a file truncated after the run finished all still parse; only the manifest can tell.
+    ``names``: the files about to be read (default: every file the manifest lists). A run without a
+    manifest (unfinished, or written by an older hap) is not checked here.
+    """
+    from ..train.checkpoint import sha256_file
+
+    path = run / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        files = json.loads(path.read_text()).get("files", {})
+    except (ValueError, AttributeError):
+        raise UserError(f"'{path}' is not a valid manifest (corrupted): rerun the command that wrote '{run}'") from None
+    for name in names if names is not None else list(files):
+        digest = files.get(name)
+        if digest is not None and (run / name).is_file() and sha256_file(run / name) != digest:
+            raise UserError(f"'{run / name}' does not match its checksum in '{path}' (changed, truncated or "
+                            f"corrupted after the run finished): restore it or rerun the command that wrote '{run}'")
 
 _OS_HINTS = {
     errno.ENOSPC: "the disk is full: free some space or choose an --out on another disk",

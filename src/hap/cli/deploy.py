@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import MANIFEST, UserError, write_json
+from .common import MANIFEST, UserError, verify_run, write_json
 
 __all__ = ["add_deploy_parsers", "cmd_bench", "cmd_export", "load_run_model", "COMMANDS"]
 
@@ -99,6 +99,7 @@ def load_run_model(path: str | Path) -> tuple[Any, Any, str]:
     elif p.is_dir() and not (p / "plan.json").is_file() and (p / "best.safetensors").is_file():
         run, ck = p, p / "best.safetensors"
     elif p.is_dir() and (p / "plan.json").is_file():
+        verify_run(p, ["plan.json", "model.safetensors", "config.json"])
         plan = PruningPlan.load(p / "plan.json")
         if (p / "base" / "config.json").is_file():
             from ..text.run import load_run
