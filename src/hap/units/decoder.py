@@ -40,16 +40,14 @@ needs at least one unit in the first layer; the planner keeps one unit per layer
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ._layout import AttentionLayout
 from ._sliced import is_conv1d, keep_linear
 from .base import ROLE_IN, ROLE_OUT, ParamSlice, UnsupportedLayerError
-
-if TYPE_CHECKING:
-    from .heads import AttentionLayout
 
 __all__ = ["HeadlessDecoderAttention", "decoder_geometry", "decoder_slices", "prune_decoder_heads",
            "GQA_PARTS", "GPT2_PARTS"]

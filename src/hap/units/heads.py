@@ -32,12 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ._layout import AttentionLayout
 from ._sliced import SlicedFamily, keep_linear
 from .base import ROLE_IN, ROLE_OUT, ParamSlice, Unit, UnsupportedLayerError
 from .decoder import decoder_geometry, decoder_slices, prune_decoder_heads
@@ -59,52 +59,6 @@ _COUNT_ATTRS = ("num_attention_heads", "n_heads", "num_heads")
 _SIZE_ATTRS = ("attention_head_size", "head_dim", "dim_per_head")
 # Child-name sets that look like attention projections we do not (yet) know how to slice.
 _FOREIGN_PROJ = (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("qkv",), ("query_key_value",), ("Wqkv",))
-
-
-@dataclass(frozen=True)
-class AttentionLayout:
-    """Where one attention block keeps its per-head parameters.
-
-    Attributes:
-        name: Qualified name of the smallest module owning Q, K, V and the output projection; it is
-            the ``group`` of the block's head units and the key of ``prune_heads``/``mask_heads``.
-        core: Qualified name of the module whose ``forward`` splits the heads (holds the head count).
-        query, key, value, output: Qualified names of the four ``nn.Linear`` layers.
-        num_heads: Current number of units (after any pruning): heads, or KV groups for ``gqa``.
-        head_size: Width of one unit in the query rows and output-projection columns (``n_rep * head_dim``
-            for a ``gqa`` KV group).
-        style: ``"split"``, ``"fused"``, ``"albert"``, ``"gqa"`` or ``"gpt2"`` (see the module docstring).
-        kv_size: Width of one unit in the key/value rows (0: ``head_size``).
-        heads_per_unit: Query heads per unit (``num_key_value_groups`` for ``gqa``, else 1).
-    """
-
-    name: str
-    core: str
-    query: str
-    key: str
-    value: str
-    output: str
-    num_heads: int
-    head_size: int
-    style: str
-    kv_size: int = 0
-    heads_per_unit: int = 1
-
-    @property
-    def query_heads(self) -> int:
-        """Query heads the block has now."""
-        return self.num_heads * self.heads_per_unit
-
-    @property
-    def decoder(self) -> bool:
-        """A decoder layout (``gqa`` / ``gpt2``), sliced by :mod:`hap.units.decoder`."""
-        return self.style in ("gqa", "gpt2")
-
-    def head_indices(self, heads: Iterable[int]) -> torch.Tensor:
-        """Row (Q/K/V) or column (output) indices of ``heads``, in order."""
-        d = self.head_size
-        idx = [i for h in heads for i in range(h * d, (h + 1) * d)]
-        return torch.tensor(idx, dtype=torch.long)
 
 
 def _linear(module: nn.Module, child: str) -> nn.Linear | None:
