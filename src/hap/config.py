@@ -283,11 +283,14 @@ class SensitivityConfig(Config):
                 out.append(Problem(name, v, "must be an integer >= 1"))
         if self.scope not in SCOPES:
             out.append(Problem("scope", self.scope, f"must be one of {', '.join(SCOPES)}"))
+        if self.fisher_backend not in FISHER_BACKENDS:
+            out.append(Problem("fisher_backend", self.fisher_backend, f"must be one of {', '.join(FISHER_BACKENDS)}"))
         return out
     fisher_backend: str = "auto"
 
 
 SCOPES = ("all", "producer")
+FISHER_BACKENDS = ("auto", "vmap", "hooks")  # = hap.estimate.fisher.FISHER_BACKENDS (a CLI test keeps them equal)
 ALLOCATIONS = ("uniform", "global", "even")
 RANKINGS = ("score", "score_per_param", "layer_normalized")
 SIGNS = ("signed", "clamp", "abs")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._utils import uses_threads
+from ._utils import model_device, uses_threads
 from .config import Config, PlanConfig, Problem, SensitivityConfig, in_range
 from .distributed import is_distributed, shard_batches
-from .metrics import classification_loss, count_macs, count_params, latency
+from .metrics import count_macs, count_params, latency
 from .planner import plan as make_plan
 from .planning import PruningPlan, Target
 from .repair import repair
@@ -34,7 +35,8 @@ from .sensitivity import Sensitivity, sensitivity
 from .surgery import prune
 from .train import Task, TextTask, TrainConfig, VisionTask, train
 
-__all__ = ["RunConfig", "run", "score_units", "paired_latency", "UNIT_DEFAULTS", "REPAIRS"]
+__all__ = ["RunConfig", "run", "score_units", "paired_latency", "UNIT_DEFAULTS", "REPAIRS", "resolve_device",
+           "device_problem", "on_device"]
 
 
 @dataclass
@@ -64,6 +66,10 @@ class RunConfig(Config):
         latency_batch: Examples per batch of the CPU latency comparison.
         latency_rounds, latency_repeats: Alternating rounds and timed runs per round of that comparison.
         seed: Seeds the sensitivity, the fine-tune and every data order.
+        device: Where the sensitivity, repair, fine-tune and evaluation run: ``"auto"`` (CUDA when torch
+            finds a GPU, else the CPU), ``"cpu"``, ``"cuda"`` (the current GPU: under ``torchrun``, this rank's)
+            or ``"cuda:N"``. Planning, MACs and the latency comparison stay on the CPU, and the pruned model
+            is handed back there (so its weights are saved from the CPU).
         model, checkpoint, data, data_options: Where the CLI takes the model and the data from
             (``run`` itself is given the objects); ``hap prune --config`` reads them back.
     """
@@ -84,6 +90,7 @@ class RunConfig(Config):
     latency_rounds: int = 7
     latency_repeats: int = 5
     seed: int = 0
+    device: str = "auto"
     model: str | None = None
     checkpoint: str | None = None
     data: str | None = None
@@ -119,6 +126,9 @@ class RunConfig(Config):
                           ("latency_batch", 1), ("latency_rounds", 1), ("latency_repeats", 1)):
             if not in_range(getattr(self, name), low, integer=True):
                 out.append(Problem(name, getattr(self, name), f"must be an integer >= {low}"))
+        rule = device_problem(self.device)
+        if rule:
+            out.append(Problem("device", self.device, rule))
         return out
 
 
@@ -179,7 +189,7 @@ def score_units(model: nn.Module, task: Task, data: Any, cfg: RunConfig, progres
     batches = task.sensitivity_batches(data, cfg.sens_batch_size, scfg.max_batches, cfg.seed)
     # under torch.distributed every rank keeps its share of the batches one process would score on
     shard = shard_batches(batches, scfg.max_batches) if is_distributed() else batches
-    sens = sensitivity(model, classification_loss, shard, config=scfg, progress=progress)
+    sens = sensitivity(model, task.loss, shard, config=scfg, progress=progress)  # the task's loss (LM: next token)
     sens.settings.update(split=task.sensitivity_split)
     if hasattr(batches, "texts"):
         sens.settings.update(examples=len(batches.texts), max_length=getattr(task, "max_length", None))
@@ -187,6 +197,107 @@ def score_units(model: nn.Module, task: Task, data: Any, cfg: RunConfig, progres
 
 
 REPAIRS = ("lsq",)
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+
+def device_problem(spec: Any) -> str | None:
+    """What is wrong with a :attr:`RunConfig.device` on this machine (``None``: nothing), as a rule that
+    names the fix: asking for a GPU torch cannot see must fail before any compute, not at the first batch."""
+    if not isinstance(spec, str) or not (spec in ("auto", "cpu", "cuda") or spec.startswith("cuda:")):
+        return "must be auto, cpu, cuda or cuda:N"
+    if spec in ("auto", "cpu"):
+        return None
+    index = spec.partition(":")[2]
+    if spec != "cuda" and not index.isdigit():
+        return "must be auto, cpu, cuda or cuda:N (N a GPU index)"
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU and torch finds none here: use cpu (or auto)"
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        return f"names a GPU this machine lacks (it has {count}, numbered from 0): give cuda:0..cuda:{count - 1}"
+    return None
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The torch device of a :attr:`RunConfig.device` (``"cuda"``/``"auto"``: the current GPU, with its index,
+    which is this rank's under ``torchrun`` and what :class:`~torch.nn.parallel.DistributedDataParallel` needs).
+
+    Raises:
+        ValueError: ``spec`` is not a device this machine has (the message names the fix).
+    """
+    rule = device_problem(spec)
+    if rule:
+        raise ValueError(f"device {rule}, got {spec!r}")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device(spec) if ":" in spec else torch.device("cuda", torch.cuda.current_device())
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+class _OnDevice:
+    """Batches (or a loader's, or a dataset's ``loader(...)``) moved to ``device`` as they are drawn; every
+    other attribute (``len``, ``texts``, ``num_classes``, ...) is the wrapped object's."""
+
+    def __init__(self, inner: Any, device: torch.device) -> None:
+        self._inner, self._device = inner, device
+
+    def __iter__(self) -> Any:
+        return (_to_device(b, self._device) for b in self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def loader(self, *args: Any, **kw: Any) -> _OnDevice:
+        return _OnDevice(self._inner.loader(*args, **kw), self._device)
+
+    def __getattr__(self, name: str) -> Any:
+        if "_inner" not in self.__dict__:  # copy/pickle probing a half-built object
+            raise AttributeError(name)
+        return getattr(self.__dict__["_inner"], name)
+
+
+def on_device(task: Task, device: torch.device) -> Task:
+    """A copy of ``task`` whose batches arrive on ``device`` (the task itself is not changed).
+
+    Tasks and data loaders produce CPU tensors, and every stage (scoring, BatchNorm re-estimation,
+    repair, training, evaluation) draws them through the task; so a subclass of the task's own class
+    that moves each batch on the way serves them all, any task, without a device argument in each.
+    """
+    if device.type == "cpu":
+        return task
+    base = type(task)
+
+    class OnDevice(base):  # type: ignore[misc,valid-type]
+        def train_batches(self, data: Any, cfg: TrainConfig, epoch: int) -> Any:
+            return _OnDevice(base.train_batches(self, data, cfg, epoch), device)
+
+        def eval_batches(self, data: Any, split: str, *args: Any, **kw: Any) -> Any:
+            return _OnDevice(base.eval_batches(self, data, split, *args, **kw), device)
+
+        def sensitivity_batches(self, data: Any, *args: Any, **kw: Any) -> Any:
+            return _OnDevice(base.sensitivity_batches(self, data, *args, **kw), device)
+
+        def prepare(self, model: nn.Module, data: Any, cfg: TrainConfig, resumed: str | None) -> str:
+            return base.prepare(self, model, _OnDevice(data, device), cfg, resumed)  # it may time a batch
+
+        def after_surgery(self, model: nn.Module, data: Any, *args: Any, **kw: Any) -> None:
+            base.after_surgery(self, model, _OnDevice(data, device), *args, **kw)  # BatchNorm re-estimation
+
+    OnDevice.__name__ = OnDevice.__qualname__ = f"{base.__name__}OnDevice"
+    out = copy.copy(task)
+    out.__class__ = OnDevice
+    return out
 
 
 def _repair(small: nn.Module, model: nn.Module, task: Task, data: Any, cfg: RunConfig, p: PruningPlan,
@@ -221,11 +332,13 @@ def run(
 
     Args:
         model: The trained model (not modified).
-        task: :class:`hap.train.VisionTask` (default) or :class:`hap.train.TextTask`.
+        task: :class:`hap.train.VisionTask` (default), :class:`hap.train.TextTask` or
+            :class:`hap.train.CausalLMTask` (a decoder LLM: scored, repaired and fine-tuned on its
+            next-token loss, and measured by perplexity, so every ``*_acc*`` metric below is ``*_ppl*``).
         data: The task's data (splits train/val/test; text also score).
         cfg: The run (default: :meth:`RunConfig.for_units` of ``"channels"``).
         sens: A sensitivity already computed for this model (reused across targets/allocations).
-        dense_test_acc: The unpruned model's test accuracy, if known (else measured).
+        dense_test_acc: The unpruned model's test accuracy (the task's metric), if known (else measured).
         out_dir: Where the fine-tune writes its resumable checkpoints (None: in memory).
         resume: Continue the fine-tune checkpointed in ``out_dir``.
         progress: Show progress.
@@ -233,7 +346,7 @@ def run(
             metrics); ``None``: :func:`hap._utils.default_threads` (a resumed fine-tune: the count it started with).
 
     Returns:
-        ``(pruned model, plan, sensitivity, metrics)``; metrics hold params/MACs (and heads) before and
+        ``(pruned model (on the CPU), plan, sensitivity, metrics)``; metrics hold params/MACs (and heads) before and
         after, accuracy after surgery (``*_oneshot``), after the fine-tune (``val_acc``, ``test_acc``),
         CPU latency (``latency_ms``, ``latency_ms_base``, ``speedup``) and timings.
     """
@@ -241,12 +354,18 @@ def run(
     task = task or VisionTask()
     cfg = (cfg or RunConfig()).validate()  # every option, before any compute
     target = Target.from_dict(cfg.target)
-    m: dict[str, Any] = {"config": cfg.to_dict(), "threads": torch.get_num_threads()}
+    dev = resolve_device(cfg.device)
+    # the stages that compute run on a copy of the model on ``dev`` (the caller's model stays as it is), fed
+    # by a copy of the task that moves each batch there; plan, MACs and CPU latency use ``model`` itself
+    work = model if model_device(model) == dev else copy.deepcopy(model).to(dev)
+    task = on_device(task, dev)
+    m: dict[str, Any] = {"config": cfg.to_dict(), "threads": torch.get_num_threads(), "device": str(dev)}
+    k = task.metric  # "acc" (classifiers: the names below are *_acc*) or "ppl" (a causal LM: *_ppl*)
     if dense_test_acc is None:
-        dense_test_acc = task.accuracy(model, data, "test")
-    m["dense_test_acc"] = dense_test_acc
+        dense_test_acc = task.metric_value(work, data, "test")
+    m[f"dense_test_{k}"] = dense_test_acc
     if sens is None:
-        sens = score_units(model, task, data, cfg, progress)
+        sens = score_units(work, task, data, cfg, progress)
     m.update(sensitivity_s=sens.wall_time_s, sens_samples=sens.samples, sens_split_half=sens.split_half,
              sens_converged=sens.converged)
     t1 = time.perf_counter()
@@ -254,34 +373,37 @@ def run(
     example = task.example_inputs(data)
     p = make_plan(model, sens, target, config=pcfg, example_inputs=example)
     m["plan_s"] = time.perf_counter() - t1
-    small = prune(model, p)
+    small = prune(model, p).to(dev)
     task.after_surgery(small, data, cfg.bn_batches, cfg.seed)
     has_val = task.has_split(data, "val")
     if cfg.repair:  # post-surgery repair: accuracy measured before and after it
         if has_val:
-            m["val_acc_surgery"] = task.accuracy(small, data, "val")
-        m["test_acc_surgery"] = task.accuracy(small, data, "test")
-        m.update(_repair(small, model, task, data, cfg, p, progress))
+            m[f"val_{k}_surgery"] = task.metric_value(small, data, "val")
+        m[f"test_{k}_surgery"] = task.metric_value(small, data, "test")
+        m.update(_repair(small, work, task, data, cfg, p, progress))
     if has_val:
-        m["val_acc_oneshot"] = task.accuracy(small, data, "val")
-    m["test_acc_oneshot"] = task.accuracy(small, data, "test")
+        m[f"val_{k}_oneshot"] = task.metric_value(small, data, "val")
+    m[f"test_{k}_oneshot"] = task.metric_value(small, data, "test")
     if progress:
-        print(f"  {sens.method}: test accuracy {m['test_acc_oneshot']:.4f} right after pruning", flush=True)
+        name = "accuracy" if k == "acc" else k
+        print(f"  {sens.method}: test {name} {m[f'test_{k}_oneshot']:.4f} right after pruning", flush=True)
     ft = cfg.finetune.replace(seed=cfg.seed)
     budget = task.total_steps(data, task.resolve(ft))
     if budget > 0:
-        teacher = copy.deepcopy(model).eval() if ft.kd_alpha > 0 else None
+        teacher = copy.deepcopy(work).eval() if ft.kd_alpha > 0 else None
         res = train(small, data, ft, task=task, out_dir=out_dir, resume=resume, teacher=teacher, progress=progress,
                     threads=threads)
         m.update(finetune_history=res.history, finetune_s=res.seconds, finetune_steps=res.steps)
         if has_val:
-            m["val_acc"] = task.accuracy(small, data, "val")
-        m["test_acc"] = task.accuracy(small, data, "test")
+            m[f"val_{k}"] = task.metric_value(small, data, "val")
+        m[f"test_{k}"] = task.metric_value(small, data, "test")
     else:
         m["finetune_steps"] = 0
         if has_val:
-            m["val_acc"] = m["val_acc_oneshot"]
-        m["test_acc"] = m["test_acc_oneshot"]
+            m[f"val_{k}"] = m[f"val_{k}_oneshot"]
+        m[f"test_{k}"] = m[f"test_{k}_oneshot"]
+    small = small.cpu()  # handed back (and saved) from the CPU, where the counts and latency below are taken
+    del work
     heads = [g for g in p.groups if g.kind == "head"]
     if heads:
         m["heads_base"] = sum(g.size for g in heads)

@@ -138,3 +138,52 @@ def test_demo_runs_both_steps_with_its_defaults(monkeypatch, tmp_path):
     assert t.threads == 1 and p.threads == 1 and t.epochs == 3 and t.subset == 12000
     assert p.target == "params=0.7" and getattr(p, "plan.round_to") == 8 and p.checkpoint.endswith("best.safetensors")
     assert p.out == str(tmp_path / "demo" / "params70")
+
+
+def test_fisher_backend_and_device_options_reach_the_run_config():
+    import hap.estimate.fisher
+    from hap.cli import build_parser
+    from hap.cli.prune import resolve
+    from hap.config import FISHER_BACKENDS
+
+    assert FISHER_BACKENDS == hap.estimate.fisher.FISHER_BACKENDS  # the CLI's choices are the sampler's
+    args = build_parser().parse_args(["prune", "--fisher-backend", "hooks", "--device", "cpu", "--out", "x"])
+    cfg = resolve(args)
+    assert cfg.sensitivity.fisher_backend == "hooks" and cfg.device == "cpu"
+    default = resolve(build_parser().parse_args(["prune", "--out", "x"]))
+    assert default.sensitivity.fisher_backend == "auto" and default.device == "auto"
+    for cmd in (["prune", "--out", "x"], ["sensitivity"]):
+        with pytest.raises(SystemExit) as exit_info:  # argparse: the choices are the config's
+            build_parser().parse_args([*cmd, "--fisher-backend", "magic"])
+        assert exit_info.value.code == 2
+
+
+def test_sensitivity_fisher_backend_reaches_the_estimate(fmnist_dir, tmp_path):
+    out = tmp_path / "sens.json"
+    assert main(["sensitivity", "--data-root", str(fmnist_dir), "--out", str(out), "--max-samples", "8",
+                 "--min-samples", "4", "--batches", "1", "--batch-size", "8", "--curvature", "fisher",
+                 "--fisher-backend", "vmap", "--no-progress"]) == 0
+    assert json.loads(out.read_text())["settings"]["fisher_backend_used"] == "vmap"
+
+
+def test_prune_on_a_gpu_this_machine_lacks_exits_2_naming_the_fix(monkeypatch, tmp_path, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "r"
+    assert main(["prune", "--device", "cuda", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hap prune: error: --device 'cuda': needs a CUDA GPU and torch finds none here: use cpu (or auto)"]
+    assert not out.exists()  # refused before the run directory is touched
+
+
+def test_train_and_finetune_take_the_same_device_rule(monkeypatch, tmp_path, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "--device", "cuda:0", "--out", str(tmp_path / "t"), "--no-progress"]) == 2
+    assert main(["finetune", "--device", "gpu", "--run", str(tmp_path / "none"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hap train: error: --device 'cuda:0': needs a CUDA GPU and torch finds none here: use cpu (or auto)",
+                   "hap finetune: error: --device 'gpu': must be auto, cpu, cuda or cuda:N"]
+    assert not (tmp_path / "t").exists()

@@ -16,16 +16,14 @@ from .common import UserError
 
 __all__ = ["validate_run_config", "validate_config", "problem_line"]
 
-# fields set by flags that are not in hap.cli.prune.RUN_OPTIONS (those are read from there)
+# fields set by flags that are not in hap.cli.prune.RUN_OPTIONS (those come with the table passed in)
 _EXTRA_FLAGS = {"plan.implant": "--implant", "target": "--target", "sensitivity.method": "--method",
                 "finetune.batch_size": "--finetune-batch-size", "dense.batch_size": "--batch-size",
                 "units": "--units"}
 
 
-def _run_flags() -> dict[str, str]:
-    from .prune import RUN_OPTIONS
-
-    return {path: flags[0] for flags, path, _, _ in RUN_OPTIONS} | _EXTRA_FLAGS
+def _run_flags(options: Any) -> dict[str, str]:
+    return {path: flags[0] for flags, path, _, _ in options} | _EXTRA_FLAGS
 
 
 def problem_line(p: Problem, flags: dict[str, str]) -> str:
@@ -45,10 +43,13 @@ def validate_config(cfg: Config, flags: dict[str, str]) -> None:
         raise UserError("; ".join(problem_line(p, flags) for p in found))
 
 
-def validate_run_config(cfg: Any) -> None:
+def validate_run_config(cfg: Any, options: Any) -> None:
     """Raise one :class:`UserError` listing what is wrong with ``cfg`` (a RunConfig); nothing is computed.
+
+    ``options``: ``hap prune``'s option table (``RUN_OPTIONS``: flags, field, help, argparse keywords), passed
+    in by the command so this module does not import it back.
 
     Raises:
         UserError: An option is out of range or unknown; the message names the flag.
     """
-    validate_config(cfg, _run_flags())
+    validate_config(cfg, _run_flags(options))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import criteria
-from ..config import ALLOCATIONS, IMPLANT_KINDS, RANKINGS, SIGNS
+from ..config import ALLOCATIONS, FISHER_BACKENDS, IMPLANT_KINDS, RANKINGS, SIGNS
 from ..pipeline import RunConfig
 from ..train import MEMORY_FORMATS, TrainConfig
 from .common import THREADS_HELP, UserError, check_run_dir, commit_run, config_option, print_table, set_path, write_json
@@ -50,6 +50,9 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict[str, Any]]] = [
      "(fisher); None: 512 / 8192", {}),
     (("--curvature",), "sensitivity.curvature", "auto: Monte-Carlo Fisher", {"choices": ["auto", "hessian", "fisher"]}),
     (("--scope",), "sensitivity.scope", "slices in a unit's score", {"choices": ["all", "producer"]}),
+    (("--fisher-backend",), "sensitivity.fisher_backend", "per-example squared gradients of the Fisher: vmap "
+     "(exact reference), hooks (from layer inputs and output gradients, memory-lean), auto (hooks where they "
+     "serve every unit)", {"choices": list(FISHER_BACKENDS)}),
     (("--sens-batches",), "sensitivity.max_batches", "distinct batches scored", {}),
     (("--sens-batch-size",), "sens_batch_size", "examples per sensitivity batch", {}),
     (("--allocation",), "plan.allocation", "uniform: the same ratio in every group", {"choices": list(ALLOCATIONS)}),
@@ -77,6 +80,8 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict[str, Any]]] = [
     (("--train-lr",), "dense.lr", "dense training learning rate", {}),
     (("--max-length",), "max_length", "text: longest token sequence", {}),
     (("--seed",), "seed", "", {}),
+    (("--device",), "device", "where sensitivity, repair, fine-tune and evaluation run: auto (CUDA when "
+     "available), cpu, cuda or cuda:N; latency is always measured on the CPU, weights are saved from it", {}),
 ]
 DATA_OPTIONS: list[tuple[tuple[str, ...], str, str, dict[str, Any]]] = [
     (("--data-root",), "data_root", "images: folder holding the dataset files", {}),
@@ -237,7 +242,7 @@ def resolve(args: argparse.Namespace) -> RunConfig:
         raise UserError(f"unknown method {cfg.sensitivity.method!r}; choose one of {', '.join(criteria.names())}")
     from .checks import validate_run_config
 
-    validate_run_config(cfg)  # every option checked before any compute
+    validate_run_config(cfg, RUN_OPTIONS)  # every option checked before any compute
     return cfg
 
 

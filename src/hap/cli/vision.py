@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .. import criteria
-from ..config import SensitivityConfig
+from ..config import FISHER_BACKENDS, SensitivityConfig
 from ..train import MEMORY_FORMATS, TrainConfig, VisionTask
 from .common import (
     MANIFEST,
@@ -66,7 +66,12 @@ def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None
 
 
 def _train_options(p: argparse.ArgumentParser, defaults: list[TrainConfig], epochs_flag: str = "--epochs") -> None:
+    from ..pipeline import RunConfig
+
     config_option(p, [epochs_flag], "epochs", defaults, "training epochs")
+    # the one notion of a device: hap prune's (RunConfig.device), its default and its rules
+    config_option(p, ["--device"], "device", [RunConfig()], "where training and evaluation run: auto (CUDA when "
+                  "available), cpu, cuda or cuda:N; weights are saved from the CPU")
     config_option(p, ["--lr"], "lr", defaults, "peak learning rate (SGD)")
     config_option(p, ["--memory-format"], "memory_format", defaults,
                   "conv tensor layout for training (auto: time both on one batch, keep the faster)",
@@ -93,6 +98,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     config_option(s, ["--curvature"], "curvature", _SENS, "auto: Monte-Carlo Fisher (most stable per second)",
                   choices=["auto", "hessian", "fisher"])
     config_option(s, ["--scope"], "scope", _SENS, "", choices=["all", "producer"])
+    config_option(s, ["--fisher-backend"], "fisher_backend", _SENS, "per-example squared gradients of the Fisher: "
+                  "vmap (exact reference), hooks (memory-lean), auto (hooks where they serve every unit)",
+                  choices=list(FISHER_BACKENDS))
     s.add_argument("--no-progress", action="store_true")
 
     t = sub.add_parser("train", help="train a zoo model (resumable checkpoints every epoch)",
@@ -154,6 +162,17 @@ def _given(args: argparse.Namespace, base: Any, names: dict[str, str]) -> Any:
     return base.replace(**{k: getattr(args, a) for k, a in names.items() if getattr(args, a, None) is not None})
 
 
+def _device(args: argparse.Namespace) -> torch.device:
+    """``--device`` (``None``: :attr:`hap.pipeline.RunConfig.device`'s default), checked by its rule."""
+    from ..pipeline import RunConfig, device_problem, resolve_device
+
+    spec = args.device if args.device is not None else RunConfig().device
+    rule = device_problem(spec)
+    if rule:
+        raise UserError(f"--device {spec!r}: {rule}")
+    return resolve_device(spec)
+
+
 def _load_data(args: argparse.Namespace):
     import hap.data
 
@@ -185,14 +204,16 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise UserError(f"'{out}' exists: pass --overwrite to replace it or choose another --out")
     cfg = _given(args, _SENS[0], {f: f for f in ("method", "max_samples", "min_samples", "tol", "stability", "probe",
-                                                 "curvature", "scope")} | {"max_batches": "max_batches"})
+                                                 "curvature", "scope", "fisher_backend")}
+                 | {"max_batches": "max_batches"})
     cfg = cfg.replace(seed=args.seed)
     if cfg.method not in criteria.names(with_aliases=True):
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(criteria.names())}")
     from .checks import validate_config
 
     validate_config(cfg, {"max_batches": "--batches"} | {f: "--" + f.replace("_", "-") for f in  # the library's rules
-                                                          ("max_samples", "min_samples", "tol", "scope")})
+                                                          ("max_samples", "min_samples", "tol", "scope",
+                                                           "fisher_backend")})
     _check_writable(out)
     data = _load_data(args)
     model = _build_model(args.model, data, args.checkpoint)
@@ -226,6 +247,7 @@ TRAIN_OUTPUTS = ("config.json", "best.safetensors", "metrics.json")
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a zoo model; the run directory is committed (manifest.json) only when everything is written."""
     from hap.metrics import count_params
+    from hap.pipeline import on_device
     from hap.train import train
     from hap.train.checkpoint import read_checkpoint, resume_differences
 
@@ -240,6 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.subset is not None and args.subset < 1:
         raise UserError(f"--subset {args.subset}: give a positive number of training images")
     tag = {"model": args.model, "data": args.data, "data_root": args.data_root, "subset": args.subset}
+    dev = _device(args)  # a resumed run may continue on another device: not part of the tag
     state = check_run_dir(out, args.resume, args.overwrite)
     resume = args.resume and state in ("unfinished", "committed")
     if resume:
@@ -250,12 +273,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                             "it was started with, or --overwrite to start over")
     data = _load_data(args)
     torch.manual_seed(args.seed)
-    model = _build_model(args.model, data, None)
-    res = train(model, data, cfg, task=task, out_dir=out, resume=resume, progress=not args.no_progress, tag=tag,
+    model = _build_model(args.model, data, None).to(dev)
+    on = on_device(task, dev)  # batches follow the model (train() writes its weights from the CPU)
+    res = train(model, data, cfg, task=on, out_dir=out, resume=resume, progress=not args.no_progress, tag=tag,
                 threads=args.threads)  # given: it wins over the count a resumed run started with
     metrics = {"best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
-               "test_acc": task.accuracy(model, data, "test"), "params": count_params(model), "seconds": res.seconds,
-               "train_size": len(data.train), **task.split_record(data)}
+               "test_acc": on.accuracy(model, data, "test"), "params": count_params(model), "seconds": res.seconds,
+               "train_size": len(data.train), "device": str(dev), **task.split_record(data)}
     with commit_run(out, TRAIN_OUTPUTS):
         write_json(out / "config.json", {"command": "train", **tag, "train": cfg.to_dict()})
         write_json(out / "metrics.json", metrics)
@@ -331,6 +355,7 @@ def _committed(run: Path) -> list[str]:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a pruned run further; its model, metrics, report and manifest are replaced together."""
     from ..io import save
+    from ..pipeline import on_device
     from ..planning import PruningPlan
     from ..report import write_run_report
     from ..train import train
@@ -340,12 +365,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = task.resolve(_given(args, _FT[0], {f: f for f in ("epochs", "lr", "memory_format")}).replace(seed=args.seed))
     if cfg.epochs == 0:
         raise UserError("--epochs 0 fine-tunes nothing: give --epochs 1 or more")
+    dev = _device(args)
     files = _committed(run)
     data = _load_data(args)
     model = _load_run(args.run, _build_model(args.model, data, None))
     plan = PruningPlan.load(run / "plan.json")
-    res = train(model, data, cfg, task=task, progress=not args.no_progress)
-    acc = task.accuracy(model, data, "test")
+    model.to(dev)
+    on = on_device(task, dev)  # the model and its batches on --device
+    res = train(model, data, cfg, task=on, progress=not args.no_progress)
+    acc = on.accuracy(model, data, "test")
+    model.cpu()  # saved from the CPU
     metrics_path = run / "metrics.json"
     m = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     m.setdefault("extra_finetune", []).append({"epochs": cfg.epochs, "lr": cfg.lr, "test_acc": acc,

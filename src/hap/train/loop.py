@@ -2,11 +2,13 @@
 
 Every row of a comparison is trained by identical code; a task (:mod:`hap.train.tasks`) supplies only
 what differs between families. A checkpoint (weights, optimiser state and the best weights so far, with
-``last.json`` holding epoch/step/history/best validation accuracy and the files' checksums) is written as
+``last.json`` holding epoch/step/history/best validation metric and the files' checksums) is written as
 one atomic set at the end of every epoch (:func:`hap.train.checkpoint.write_checkpoint`); ``resume=True``
 continues from it and follows the same trajectory, because each epoch's order depends only on
 ``(seed, epoch)``. At the end the kept weights are written to ``best.safetensors``. Model selection uses
-the validation split only, never test.
+the validation split only, never test, and the task's metric in the task's direction (:attr:`Task.metric`,
+:meth:`Task.better`: highest accuracy for a classifier, lowest perplexity for a causal LM); the loss minimised
+is the task's too (:meth:`Task.loss`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..distributed import (
     is_main,
     shard_batch,
 )
-from ..metrics import evaluate, logits_of
+from ..metrics import logits_of
 from .checkpoint import (
     load_optimizer_tensors,
     load_weights,
@@ -53,6 +55,9 @@ __all__ = ["train"]
 
 def _kd_loss(out: torch.Tensor, teacher_out: torch.Tensor, temperature: float) -> torch.Tensor:
     T = temperature
+    # one distribution per row of the last axis: a classifier's (batch, classes) unchanged, a causal LM's
+    # (batch, tokens, vocab) averaged per token rather than summed over the tokens of each sequence
+    out, teacher_out = out.reshape(-1, out.shape[-1]), teacher_out.reshape(-1, teacher_out.shape[-1])
     return F.kl_div(F.log_softmax(out / T, -1), F.softmax(teacher_out / T, -1), reduction="batchmean") * T * T
 
 
@@ -77,7 +82,8 @@ def train(
         model: Trained in place; at return it holds the kept weights, in eval mode.
         data: What ``task`` reads (:class:`hap.data.Dataset` for vision, :class:`hap.text.TextData` for text).
         cfg: Hyper-parameters; ``None`` fields take the task's defaults.
-        task: :class:`VisionTask` (default) or :class:`TextTask`.
+        task: :class:`VisionTask` (default), :class:`TextTask` or :class:`hap.train.CausalLMTask` (then
+            ``TrainResult.best_val_acc`` holds the kept weights' validation perplexity, the task's metric).
         out_dir: Where ``last.*``/``best.safetensors`` go (None: keep in memory).
         resume: Continue from ``out_dir``'s last checkpoint.
         teacher: For knowledge distillation (``cfg.kd_alpha > 0``), e.g. the unpruned model.
@@ -121,6 +127,11 @@ def train(
                              "the run was started with other options (model, target, method); give the same "
                              "options, or start over") from e
         load_optimizer_tensors(opt, params, ck.optimizer)
+        for p in params:  # the files hold CPU tensors; a model on a GPU needs its state beside it (the step
+            state = opt.state.get(p, {})  # counter stays on the CPU, where torch's optimisers keep it)
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and k != "step":
+                    state[k] = v.to(p.device)
         start_epoch = int(meta["epoch"]) + 1
         step = int(meta.get("step", start_epoch * spe))
         resumed_layout = meta.get("memory_format")
@@ -146,12 +157,13 @@ def train(
     def validate(epoch: int, row: dict[str, Any]) -> None:
         nonlocal best_state
         broadcast_buffers(model)  # every rank evaluates (and keeps) the same model
-        val = evaluate(model, task.eval_batches(data, "val"))
+        val = task.evaluate(model, data, "val")
         model.train()
-        row.update(val_acc=val["acc"], val_loss=val["loss"])
+        value = val[task.metric]
+        row.update({f"val_{task.metric}": value, "val_loss": val["loss"]})
         result.history.append(row)
-        if result.best_val_acc is None or val["acc"] > result.best_val_acc or best_state is None:
-            result.best_val_acc, result.best_epoch, result.best_step = val["acc"], epoch, step
+        if task.better(value, result.best_val_acc) or best_state is None:  # the task says which way is better
+            result.best_val_acc, result.best_epoch, result.best_step = value, epoch, step
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     for epoch in range(start_epoch, n_epochs):
@@ -168,8 +180,9 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = task.lr(cfg, step, total, spe)
             x, y, share = shard_batch(x, y)
-            logits = logits_of(call_model(net, task.to_input(x, layout)))
-            loss = F.cross_entropy(logits, y)
+            outputs = call_model(net, task.to_input(x, layout))
+            logits = logits_of(outputs)
+            loss = task.loss(outputs, y)
             if teacher is not None and cfg.kd_alpha > 0:
                 with torch.no_grad():
                     t_out = logits_of(call_model(teacher, x))
@@ -185,11 +198,11 @@ def train(
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step += 1
-            n = len(y)
+            n, hits = task.batch_stats(outputs, y)
             seen += n
             total_loss += loss.item() * n
             losses.append(loss.item())
-            correct += int((logits.argmax(-1) == y).sum())
+            correct += hits
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
             if cfg.eval_every and not task.validate_each_epoch and (step % cfg.eval_every == 0 or step == total):
@@ -214,7 +227,8 @@ def train(
         if out is not None:
             barrier()  # the other ranks wait for rank 0's checkpoint (and learn if writing it failed)
         if progress and main:
-            val = f" | val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
+            key = f"val_{task.metric}"
+            val = f" | val {task.metric} {row[key]:.4f}" if key in row else ""
             tqdm.write(f"epoch {epoch + 1}/{n_epochs}: train loss {row['train_loss']:.3f} "
                        f"acc {row['train_acc']:.4f}{val}")
     if best_state is not None and result.best_step != step:

@@ -9,6 +9,11 @@ and the batches the pipeline scores units, re-estimates statistics and times lat
   re-estimation after surgery, ``channels_last`` probed, data = :class:`hap.data.Dataset`.
 - :class:`TextTask`: AdamW without decay on biases/LayerNorm, linear warm-up and decay, gradient
   clipping, budget in optimiser steps, data = :class:`hap.text.TextData` and a tokenizer.
+- :class:`hap.train.CausalLMTask` (:mod:`hap.train.lm_task`): the text task's optimiser and budget on a
+  decoder LLM, its loss next-token cross-entropy and its metric perplexity (lower is better).
+
+What is minimised and what selects the kept weights are hooks too (:meth:`Task.loss`, :attr:`Task.metric`,
+:meth:`Task.better`); their defaults are a classifier's cross-entropy and top-1 accuracy, higher better.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import torch.nn.functional as F
 
 from ..config import Problem
 from ..distributed import broadcast_object
-from ..metrics import accuracy, logits_of
+from ..metrics import accuracy, classification_loss, logits_of
+from ..metrics import evaluate as evaluate_batches
 from .config import TrainConfig
 
 __all__ = ["Task", "VisionTask", "TextTask", "recalibrate_bn", "pick_memory_format"]
@@ -40,6 +46,12 @@ class Task:
     eval_batch_size: int = 256
     validate_each_epoch: ClassVar[bool] = True
     sensitivity_split: ClassVar[str] = "train"
+    #: Name of the task's quality metric: the key of :meth:`evaluate`'s value, of the ``val_<metric>``
+    #: history rows and of the pipeline's ``*_<metric>*`` numbers (``acc``: exactly the names used before).
+    metric: ClassVar[str] = "acc"
+    #: Whether a larger :attr:`metric` is better (accuracy) or a smaller one (perplexity): what the loop's
+    #: choice of the best validation weights follows.
+    higher_is_better: ClassVar[bool] = True
 
     def resolve(self, cfg: TrainConfig) -> TrainConfig:
         """``cfg`` with every ``None`` field the task has a default for filled in, validated."""
@@ -83,6 +95,34 @@ class Task:
     def accuracy(self, model: nn.Module, data: Any, split: str) -> float:
         """Top-1 accuracy on one split of ``data`` (:func:`hap.metrics.accuracy`)."""
         return accuracy(model, self.eval_batches(data, split))
+
+    # -- what is optimised and measured (a classifier's unless a task says otherwise) ------------------
+    def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """The training and scoring loss of one batch: cross-entropy of a classifier's logits
+        (:func:`hap.metrics.classification_loss`). :func:`hap.train.train` minimises it and
+        :func:`hap.pipeline.score_units` scores units by it, so a task with another objective (a causal LM)
+        changes both by overriding this one method."""
+        return classification_loss(outputs, targets)
+
+    def batch_stats(self, outputs: Any, targets: Any) -> tuple[int, int]:
+        """``(predictions, correct ones)`` of one training batch: what the train loss is weighted by and
+        the train accuracy counts (a classifier: examples and top-1 hits)."""
+        return len(targets), int((logits_of(outputs).argmax(-1) == targets).sum())
+
+    def evaluate(self, model: nn.Module, data: Any, split: str) -> dict[str, float]:
+        """``{metric: ..., "loss": ...}`` on one split: what validation records and selects by
+        (a classifier: :func:`hap.metrics.evaluate`, top-1 accuracy and mean cross-entropy)."""
+        return evaluate_batches(model, self.eval_batches(data, split))
+
+    def metric_value(self, model: nn.Module, data: Any, split: str) -> float:
+        """The task's :attr:`metric` on one split, as the pipeline reports it (a classifier: :meth:`accuracy`)."""
+        return self.accuracy(model, data, split)
+
+    def better(self, value: float, best: float | None) -> bool:
+        """Whether a validation ``value`` of :attr:`metric` beats the ``best`` so far (``None``: none yet)."""
+        if best is None:
+            return True
+        return value > best if self.higher_is_better else value < best
 
     def has_split(self, data: Any, split: str) -> bool:
         return True

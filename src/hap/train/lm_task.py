@@ -1,0 +1,125 @@
+"""The causal-LM task: a decoder LLM trained, scored and measured by the same loop and pipeline as the rest.
+
+A causal LM differs from a text classifier in what it is trained on and judged by, not in how it is
+optimised: the batches are token ids with attention masks and their own ids as labels (padding set to
+``-100``, :func:`hap.text.lm.lm_labels`), the loss is next-token cross-entropy
+(:func:`hap.text.lm.causal_lm_loss`) and the metric held-out perplexity (:func:`hap.text.lm.perplexity`),
+lower being better. The optimiser, schedule and step budget are :class:`hap.train.TextTask`'s (AdamW, linear
+warm-up and decay, gradient clipping), and so are the splits of :class:`hap.text.TextData`: ``train``
+fine-tunes, ``val`` selects, ``score`` calibrates (sensitivity, repair), ``test`` is reported. The texts'
+class labels are not used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .._utils import call_model, eval_mode, model_device
+from ..text.data import TextLoader
+from ..text.lm import IGNORE_INDEX, causal_lm_loss, lm_labels, perplexity
+from .tasks import TextTask
+
+__all__ = ["CausalLMTask", "LMLoader"]
+
+# What a decoder's forward takes: a tokenizer may name more (BERT's token_type_ids), which a Llama refuses.
+LM_INPUTS = ("input_ids", "attention_mask")
+
+
+class LMLoader(TextLoader):
+    """:class:`hap.text.TextLoader` over texts alone: ``(inputs, lm_labels(inputs))`` batches, padded per batch."""
+
+    def __init__(self, texts: Any, tokenizer: Any, batch_size: int = 32, **kw: Any) -> None:
+        super().__init__(texts, np.zeros(len(texts), dtype=np.int64), tokenizer, batch_size, **kw)
+        self.input_names = LM_INPUTS
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:  # type: ignore[override]
+        for inputs, _ in super().__iter__():
+            yield inputs, lm_labels(inputs)
+
+
+class CausalLMTask(TextTask):
+    """Next-token prediction of a Hugging Face ``...ForCausalLM`` on the texts of :class:`hap.text.TextData`.
+
+    Validation keeps the weights of the *lowest* validation perplexity (``TrainResult.best_val_acc`` then holds
+    that perplexity: the field is the task's metric); the pipeline reports ``dense_test_ppl``,
+    ``test_ppl_surgery``, ``test_ppl_oneshot``, ``val_ppl`` and ``test_ppl`` where a classifier has ``*_acc``.
+
+    Args:
+        tokenizer: The model's tokenizer; it needs a pad token (a Llama/GPT-2 one often has none: set
+            ``tokenizer.pad_token = tokenizer.eos_token``), since batches are padded and the padding masked.
+        max_length: Longest token sequence (training, evaluation, scoring; latency is timed at exactly this).
+        eval_batch_size: Texts per evaluation batch.
+
+    Raises:
+        ValueError: The tokenizer has no pad token.
+    """
+
+    name = "causal-lm"
+    metric: ClassVar[str] = "ppl"
+    higher_is_better: ClassVar[bool] = False
+
+    def __init__(self, tokenizer: Any, max_length: int = 64, eval_batch_size: int = 64) -> None:
+        if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None:
+            raise ValueError("the tokenizer has no pad token, and causal-LM batches are padded: set "
+                             "tokenizer.pad_token = tokenizer.eos_token first")
+        super().__init__(tokenizer, max_length=max_length, eval_batch_size=eval_batch_size)
+
+    def _loader(self, data: Any, split: str, batch_size: int, **kw: Any) -> LMLoader:
+        texts, _ = data.split(split)
+        return LMLoader(texts, self.tokenizer, batch_size, max_length=self.max_length, **kw)
+
+    def split_labels(self, data: Any, split: str) -> torch.Tensor:
+        """Every predicted token id of one split, in evaluation order (what a test-set fingerprint hashes)."""
+        ys = [y[:, 1:][y[:, 1:] != IGNORE_INDEX] for _, y in self.eval_batches(data, split)]
+        return torch.cat(ys) if ys else torch.empty(0, dtype=torch.int64)
+
+    def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """Mean next-token cross-entropy over the unpadded tokens (:func:`hap.text.lm.causal_lm_loss`)."""
+        return causal_lm_loss(outputs, targets)
+
+    def batch_stats(self, outputs: Any, targets: Any) -> tuple[int, int]:
+        """``(tokens predicted, next-token top-1 hits)``: the train loss is a per-token mean, as perplexity is."""
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs
+        target = targets[:, 1:].to(logits.device)
+        keep = target != IGNORE_INDEX
+        hits = (logits[:, :-1].argmax(-1) == target) & keep
+        return int(keep.sum()), int(hits.sum())
+
+    def evaluate(self, model: nn.Module, data: Any, split: str) -> dict[str, float]:
+        """``{"ppl": perplexity, "loss": its log, the mean next-token NLL}`` on one split."""
+        ppl = perplexity(model, self.eval_batches(data, split))
+        return {"ppl": ppl, "loss": math.log(ppl)}
+
+    def metric_value(self, model: nn.Module, data: Any, split: str) -> float:
+        """Held-out perplexity on one split (lower is better)."""
+        return perplexity(model, self.eval_batches(data, split))
+
+    def accuracy(self, model: nn.Module, data: Any, split: str) -> float:
+        """Next-token top-1 accuracy on one split (over unpadded tokens); the task's metric is perplexity.
+
+        The classifier's accuracy would compare unshifted ``(batch, tokens)`` predictions with the labels,
+        a number that means nothing for a causal LM, so it is replaced rather than inherited.
+        """
+        hits = count = 0
+        device = model_device(model)
+        with eval_mode(model), torch.no_grad():
+            for inputs, labels in self.eval_batches(data, split):
+                out = call_model(model, {k: v.to(device) for k, v in inputs.items()})
+                n, h = self.batch_stats(out, labels)
+                hits, count = hits + h, count + n
+        if count == 0:
+            raise ValueError(f"the {split} split has no token to predict (sequences of two or more tokens)")
+        return hits / count
+
+    def latency_inputs(self, data: Any, n: int) -> dict[str, torch.Tensor]:
+        """``n`` test texts padded to ``max_length`` tokens, mask all ones: every position is computed."""
+        x = super().latency_inputs(data, n)
+        x = {k: v for k, v in x.items() if k in LM_INPUTS}
+        x["attention_mask"] = torch.ones_like(x["input_ids"])
+        return x
