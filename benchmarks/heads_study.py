@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -217,6 +218,19 @@ def results_table(out: Path, args: argparse.Namespace, dense: dict[str, Any], da
     ]
     return "\n".join(lines)
 
+
+
+def apply_preset(args: argparse.Namespace, preset: dict[str, Any]) -> None:
+    """Fill ``args`` from a study preset (FULL or SMOKE): seeds and targets unless given, and the shared
+    MiniLM training settings of the heads studies (dense 1e-4, fine-tune 5e-5 at batch 16, 64 tokens)."""
+    args.seeds = args.seeds if args.seeds is not None else preset["seeds"]
+    args.targets = args.targets if args.targets is not None else preset["targets"]
+    args.ft_steps, args.max_samples = preset["ft_steps"], preset["max_samples"]
+    args.repair_batches, args.dense_epochs = preset["repair_batches"], preset["dense_epochs"]
+    args.dense_lr, args.ft_lr, args.ft_batch, args.max_length = 1e-4, 5e-5, 16, 64
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    torch.set_num_threads(args.threads)
 
 def run_rows(rows: list[tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]], out: Path,
              max_runs: int | None, done: Callable[[dict[str, Any]], None]) -> int:

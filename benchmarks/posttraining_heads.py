@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -45,7 +44,7 @@ from hap.config import PlanConfig  # noqa: E402
 from hap.pipeline import run  # noqa: E402
 from hap.text import load_text_data  # noqa: E402
 from hap.train import TextTask  # noqa: E402
-from heads_study import LN, _ft, _mean_se, _run_config, dense_model, run_control, run_rows, sens_cached  # noqa: E402
+from heads_study import LN, _ft, _mean_se, _run_config, apply_preset, dense_model, run_control, run_rows, sens_cached  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "posttraining.md"
 MARKER = "<!-- posttraining-heads -->"  # benchmarks/posttraining_study.py writes <!-- posttraining-vision -->
@@ -290,14 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     preset = SMOKE if args.smoke else FULL
-    args.seeds = args.seeds if args.seeds is not None else preset["seeds"]
-    args.targets = args.targets if args.targets is not None else preset["targets"]
-    args.ft_steps, args.max_samples = preset["ft_steps"], preset["max_samples"]
-    args.repair_batches, args.dense_epochs = preset["repair_batches"], preset["dense_epochs"]
-    args.dense_lr, args.ft_lr, args.ft_batch, args.max_length = 1e-4, 5e-5, 16, 64  # as the heads study
-    if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-    torch.set_num_threads(args.threads)
+    apply_preset(args, preset)  # as the heads study
     out = Path(args.out) if args.out else OUT / ("posttraining_heads_smoke" if args.smoke else "posttraining_heads")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     settings = {"sizes": preset["sizes"], "fractions": preset["fractions"], "dense_epochs": args.dense_epochs,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -44,7 +43,7 @@ from hap.pipeline import RunConfig, run, score_units  # noqa: E402
 from hap.planning import PlanError  # noqa: E402
 from hap.text import load_text_data  # noqa: E402
 from hap.train import TextTask  # noqa: E402
-from heads_study import _ft, _mean_se, dense_model, run_control  # noqa: E402
+from heads_study import _ft, _mean_se, apply_preset, dense_model, run_control  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "transformers.md"
 MARKER = "<!-- transformers-study -->"
@@ -194,15 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     preset = SMOKE if args.smoke else FULL
-    args.seeds = args.seeds if args.seeds is not None else preset["seeds"]
-    args.targets = args.targets if args.targets is not None else preset["targets"]
+    apply_preset(args, preset)  # as the heads studies
     args.methods = args.methods or (["hap-fisher", "random"] if args.smoke else METHODS)
-    args.ft_steps, args.max_samples = preset["ft_steps"], preset["max_samples"]
-    args.repair_batches, args.dense_epochs = preset["repair_batches"], preset["dense_epochs"]
-    args.dense_lr, args.ft_lr, args.ft_batch, args.max_length = 1e-4, 5e-5, 16, 64  # as the heads studies
-    if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-    torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else OUT / ("transformers_study_smoke" if args.smoke else "transformers_study")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     settings = {k: preset[k] for k in ("sizes", "fractions", "dense_epochs", "ft_steps", "max_samples",
