@@ -13,7 +13,7 @@ dense classifier and its data are ``benchmarks/posttraining_heads.py``'s (test s
 
 One command, resumable: the dense classifier, each sensitivity (per units, criterion and seed, shared by the
 targets) and each finished row are files under ``benchmarks/out/transformers_study/``; a rerun skips what
-is done (a whole seed at a time, 40% first: the goal is about it). ``docs/transformers.md`` is rewritten
+is done (repaired rows of every seed first, 40% first: the goal is about it). ``docs/transformers.md`` is rewritten
 after every row.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/transformers_study.py``. ``--smoke`` runs a tiny version end to
@@ -62,14 +62,19 @@ SMOKE = dict(sizes={"train": 128, "val": 32, "score": 64, "test": 128},
 
 
 def grid(args: argparse.Namespace) -> list[tuple[str, str, float | None, str | None, int]]:
-    """``(units, method, target, repair, seed)`` in priority order; Michel only for heads-only rows."""
+    """``(units, method, target, repair, seed)`` in priority order; Michel only for heads-only rows.
+
+    Repaired rows of every target and seed come first (the goals are about them), then each seed's dense
+    control, then the rows without repair: a study cut short still has both seeds where it matters.
+    """
     out: list[tuple[str, str, float | None, str | None, int]] = []
-    for s in args.seeds:
-        for i, t in enumerate(args.targets):
-            out.extend((u, m, t, r, s) for r in REPAIRS for u in args.units for m in args.methods
-                       if not (m == "michel" and u != "heads"))
-            if i == 0:
-                out.append(("dense", "control", None, None, s))
+    for r in REPAIRS:
+        for t in args.targets:
+            for s in args.seeds:
+                out.extend((u, m, t, r, s) for u in args.units for m in args.methods
+                           if not (m == "michel" and u != "heads"))
+        if r == REPAIRS[0]:
+            out.extend(("dense", "control", None, None, s) for s in args.seeds)
     return out
 
 
