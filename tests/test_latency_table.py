@@ -39,7 +39,26 @@ def test_latency_plan_with_a_measured_table(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 16, 16)  # 16 x 16: the convolutions, not per-call overhead, dominate the time
     table = quick(model, x, sweep=False)
     plan = hap.plan(model, sens, hap.Target(latency=0.3), implant=None, example_inputs=x[:1], latency_table=table,
-                    tol=0.15)
+                    tol=0.15, latency_iters=0)
     assert abs(plan.achieved_fraction("latency") - 0.3) <= 0.15
     small = hap.prune(model, plan)
     assert lt.predict_ms(table, model, small, x[:1]) == pytest.approx(plan.settings["latency"]["predicted_ms"])
+
+
+def test_closed_loop_times_the_plan_with_the_real_stopwatch(tmp_path, monkeypatch):
+    """One timed iteration with :func:`hap.bench` at the table's batch: the table's plan, its measurement recorded
+    (the deterministic convergence tests, with a fake stopwatch, are in tests/planning/test_latency_loop.py)."""
+    monkeypatch.setenv("HAP_CACHE", str(tmp_path))
+    model, _, sens = tiny()
+    x = torch.randn(2, 3, 16, 16)
+    table = quick(model, x, sweep=False)
+    kw = {"implant": None, "example_inputs": x[:1], "latency_table": table, "tol": 0.15}
+    open_plan = hap.plan(model, sens, hap.Target(latency=0.3), latency_iters=0, **kw)
+    plan = hap.plan(model, sens, hap.Target(latency=0.3), latency_iters=1, **kw)
+    lat = plan.settings["latency"]
+    (it,) = lat["iterations"]
+    assert plan.groups == open_plan.groups and lat["closed_loop"] is True and it["internal_target"] == 0.3
+    assert it["measured_ms"] > 0 and it["measured_dense_ms"] > 0
+    assert lat["measured_kept"] == pytest.approx(it["measured_ms"] / it["measured_dense_ms"])
+    assert lat["measured_ratio"] == pytest.approx(lat["measured_kept"] / 0.7)
+    assert plan.achieved_fraction() == pytest.approx(1 - lat["measured_kept"])

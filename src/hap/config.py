@@ -315,6 +315,11 @@ class PlanConfig(Config):
         sign: How negative estimates rank: ``"signed"``, ``"clamp"`` or ``"abs"``.
         rank_by: ``"score"``, ``"score_per_param"`` or ``"layer_normalized"``.
         tol: Largest accepted ``|achieved - target|``.
+        latency_iters: ``Target(latency=...)``: how many planned models are timed against the dense one (the
+            table's plan first, then re-plans for a corrected table target) to bring the *measured* latency to
+            the asked one; 0 trusts the table's prediction (nothing timed).
+        latency_tol: ``Target(latency=...)``: stop re-planning once the measured kept latency is within this
+            relative distance of the asked one (0.05: a plan asked to keep 0.5 may keep 0.475 to 0.525).
     """
 
     implant: str | None = "pointwise"
@@ -327,6 +332,8 @@ class PlanConfig(Config):
     sign: str = "signed"
     rank_by: str = "score"
     tol: float = 0.01
+    latency_iters: int = 4
+    latency_tol: float = 0.05
 
     def problems(self) -> list[Problem]:
         out = super().problems()
@@ -344,4 +351,8 @@ class PlanConfig(Config):
                 out.append(Problem(name, getattr(self, name), f"must be one of {', '.join(choices)}"))
         if not in_range(self.tol, 0, 0.5, lo_open=True, hi_open=True):
             out.append(Problem("tol", self.tol, "must be in (0, 0.5)"))
+        if not in_range(self.latency_iters, 0, integer=True):
+            out.append(Problem("latency_iters", self.latency_iters, "must be an integer >= 0"))
+        if not in_range(self.latency_tol, 0, 0.5, lo_open=True, hi_open=True):
+            out.append(Problem("latency_tol", self.latency_tol, "must be in (0, 0.5)"))
         return out

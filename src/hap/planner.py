@@ -4,6 +4,10 @@ The face of :mod:`hap.planning` (pure data and allocation) tied to a model: it r
 needs from the model (which groups are excluded, which can carry implants — the one rule of
 :func:`hap.implant.implant_block_reason` — and their conv shapes), and hands the search a measuring
 function that builds each candidate on a copy with :func:`hap.surgery.apply_groups` and counts it.
+
+A latency target is planned on the per-layer latency table's prediction, then checked by the stopwatch
+(:func:`_close_latency_loop`): the planned model is timed against the dense one, and re-planned for a
+corrected table target until the measured latency is within ``latency_tol`` of the asked one.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from ._utils import call_model, eval_mode, first_line, model_device, model_signa
 from .config import PlanConfig
 from .implant import implant_block_reason, implant_unsupported_reason, lowrank_rank
 from .metrics import ModelCost, count_macs_disposable, count_params, measure
+from .planning import PlanError
 from .planning.allocation import GroupInfo, candidates, layer_normalized, materialize
-from .planning.latency import LatencyTable
+from .planning.latency import LatencyTable, next_internal_target
 from .planning.search import search
 from .planning.types import GroupPlan, PruningPlan, Target, input_spec, make_inputs, pruned_share, sequence_length
 from .sensitivity import Sensitivity
@@ -93,8 +98,21 @@ def plan(
         latency_table: For ``Target(latency=...)`` and ``round_to="auto"``: the dense model's per-layer
             latency table (:func:`hap.latency_table.measure_table`); default: that function's, at batch 64
             and 1 thread, loaded from its cache or measured once (about a minute for a CIFAR ResNet). A
-            latency target is met by the table's *prediction* at its batch size: the sum over layers of
-            their times at the planned widths plus the rest of the forward (``settings["latency"]``).
+            latency target is first planned on the table's *prediction* at its batch size (the sum over
+            layers of their times at the planned widths plus the rest of the forward), then measured: see
+            ``latency_iters``.
+        latency_iters: For ``Target(latency=...)``: the planned model is timed against the dense one with
+            :func:`hap.bench` (alternating rounds, median) at the table's batch size and thread count, and
+            re-planned for a corrected table target (regula falsi on measured against predicted, see
+            :func:`hap.planning.latency.next_internal_target`) until the measured kept latency is within
+            ``latency_tol`` of ``1 - target``, at most this many timed plans; the plan measured nearest the
+            asked latency is returned. Needed because the table predicts more speed-up than a network
+            shows (per-call overhead, caches, per-layer times that do not add up). ``settings["latency"]``
+            records every iteration (table target, predicted and measured milliseconds, measured kept
+            fraction) and the final ``measured_ratio`` (measured kept / asked kept). 0 trusts the prediction, as
+            does a table whose ``meta`` names no ``batch`` and ``threads`` to time at, or a model off the CPU
+            (``settings["latency"]["open_loop_reason"]`` says which).
+        latency_tol: Relative distance of the measured kept latency from the asked one that ends the loop.
 
     Returns:
         The plan, with the achieved parameters and MACs measured on the pruned model.
@@ -103,7 +121,8 @@ def plan(
         ValueError: Bad options, a sensitivity from another model, or a ``flops`` target without an
             input size.
         PlanError: The target is out of reach under the limits (the message gives the most that can be
-            removed) or cannot be met within ``tol`` because units are too coarse.
+            removed; for a latency target, the most that was *measured* to be removed) or cannot be met
+            within ``tol`` because units are too coarse.
     """
     cfg = config or PlanConfig()
     if "exclude" in options:
@@ -238,8 +257,25 @@ def _plan(model: nn.Module, sens: Sensitivity, target: Target, inputs: Any, spec
         return fracs[s]
 
     steps = _even_steps(cands) if cfg.allocation == "even" else list(range(cands.n_steps + 1))
-    best = steps[search(lambda b: fraction(steps[b]), len(steps) - 1, target, cfg.tol,
-                        cands.limits_text(cfg.max_layer_ratio))]
+    limits = cands.limits_text(cfg.max_layer_ratio)
+    best = steps[search(lambda b: fraction(steps[b]), len(steps) - 1, target, cfg.tol, limits)]
+    latency: dict[str, Any] = {}
+    if table is not None:
+        why_open = _open_loop_reason(model, table, cfg)
+        if why_open is None:
+            def table_step(goal: float) -> int:
+                """The step whose predicted removal is nearest ``goal`` (any distance: the loop judges it)."""
+                return steps[search(lambda b: fraction(steps[b]), len(steps) - 1, Target(latency=goal), 1.0, limits)]
+
+            def timed(s: int) -> tuple[float, float]:
+                pruned = copy.deepcopy(model)
+                apply_groups(pruned, group_plans(s), inputs)
+                return _time_pair(model, pruned, inputs, int(table.meta["batch"]), int(table.meta["threads"]))
+
+            best, latency = _close_latency_loop(target, cfg, best, steps[-1], table_step, fraction, timed,
+                                                predicted, limits, table.meta)
+        else:
+            latency = {"closed_loop": False, "open_loop_reason": why_open}
     cost, sig = build(best)
     return PruningPlan(
         target=target,
@@ -265,10 +301,102 @@ def _plan(model: nn.Module, sens: Sensitivity, target: Target, inputs: Any, spec
             **({"tokens": tokens} if (tokens := sequence_length(spec)) is not None else {}),
             **({"latency": {"predicted_ms": predicted[best], "dense_ms": predicted[0],
                             "measured_dense_ms": table.dense_ms, "batch": table.meta.get("batch"),
-                            "threads": table.meta.get("threads"), "machine": table.meta.get("cpu")}}
+                            "threads": table.meta.get("threads"), "machine": table.meta.get("cpu"), **latency}}
                if table is not None else {}),
         },
     )
+
+
+_LOOP_REPEATS = 7  # alternating rounds per timed plan (hap.bench's default): each round at batch 64 costs about
+# three forwards of both models, a few seconds per iteration for a CIFAR ResNet-56
+
+
+def _time_pair(dense: nn.Module, pruned: nn.Module, inputs: Any, batch: int, n_threads: int) -> tuple[float, float]:
+    """Median milliseconds of ``dense`` and ``pruned`` at ``batch``: :func:`hap.bench`'s alternating rounds in
+    one process, at the latency table's batch and threads so that the loop and the table time the same thing.
+
+    Module-level so that tests can replace the stopwatch with a deterministic latency model.
+    """
+    from .bench import bench
+
+    res = bench(pruned, inputs, baseline=dense, batch_sizes=(batch,), threads=n_threads, repeats=_LOOP_REPEATS,
+                memory=False)
+    return res.baseline[batch].median_ms, res.pruned[batch].median_ms
+
+
+def _open_loop_reason(model: nn.Module, table: LatencyTable, cfg: PlanConfig) -> str | None:
+    """Why a latency target is planned on the table's prediction alone, or ``None`` to close the loop."""
+    if cfg.latency_iters == 0:
+        return "latency_iters=0"
+    if model_device(model).type != "cpu":
+        return f"the model is on {model_device(model)}; the table and hap.bench time CPU latency"
+    if not all(isinstance(table.meta.get(k), int) and table.meta[k] >= 1 for k in ("batch", "threads")):
+        return "the latency table's meta names no batch and threads to time the plans at"
+    return None
+
+
+def _close_latency_loop(target: Target, cfg: PlanConfig, first: int, last: int, table_step: Any, fraction: Any,
+                        timed: Any, predicted: dict[int, float], limits: str,
+                        meta: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Time the table's plan (step ``first``) and re-plan until the measured latency meets ``target``.
+
+    Args:
+        target: The asked ``Target(latency=t)``: keep ``1 - t`` of the dense latency, as measured.
+        cfg: ``latency_iters`` (timed plans at most) and ``latency_tol`` (relative, on the kept latency).
+        first: The step the table's prediction chose for ``target``.
+        last: The most aggressive step allowed.
+        table_step: Table target (fraction of predicted latency removed) -> the step nearest it.
+        fraction: Step -> its predicted fraction removed (fills ``predicted``).
+        timed: Step -> ``(dense ms, pruned ms)`` measured in one paired run.
+        predicted: Step -> predicted milliseconds (read for the record).
+        limits: The planner's limits, for the unreachable-target message.
+        meta: The table's meta (batch and threads, for the messages).
+
+    Returns:
+        The step measured nearest the asked latency, and the record for ``settings["latency"]``.
+
+    Raises:
+        PlanError: The most aggressive allowed plan is measured slower than asked (beyond ``latency_tol``);
+            the message says how much latency was measured to be removed and what to ask for instead.
+    """
+    asked = 1.0 - target.value
+    cap = min(0.99, fraction(last))
+    measured: dict[int, float] = {}
+    iterations: list[dict[str, Any]] = []
+    points: list[tuple[float, float]] = []
+    step, internal = first, target.value
+    for i in range(cfg.latency_iters):
+        removed = fraction(step)  # predicted, and fills predicted[step]
+        dense_ms, pruned_ms = timed(step)
+        kept = pruned_ms / dense_ms
+        measured[step] = kept
+        iterations.append({"internal_target": internal, "predicted_ms": predicted[step],
+                           "predicted_kept": 1.0 - removed, "measured_ms": pruned_ms, "measured_dense_ms": dense_ms,
+                           "measured_kept": kept})
+        if abs(kept / asked - 1.0) <= cfg.latency_tol:
+            break
+        points.append((removed, kept))
+        if kept > asked and removed >= cap - 1e-9:
+            best_kept = min(measured.values())
+            fix = (f"ask for latency={math.floor((1 - best_kept) * 100) / 100:g} or less, or relax the limits"
+                   if best_kept < 0.99 else "pruning removes no measurable latency at this batch: use a Target of "
+                   "params or flops, or a latency table at a larger batch")
+            raise PlanError(
+                f"target {target} cannot be met as measured: the most aggressive allowed plan keeps {kept:.3f} of "
+                f"the dense latency at batch {meta.get('batch')}, {meta.get('threads')} thread(s) (the table "
+                f"predicted {1 - removed:.3f}; {limits}); {fix}"
+            )
+        if i + 1 == cfg.latency_iters:
+            break
+        internal = next_internal_target(points, asked, cap)
+        nxt = table_step(max(internal, 1e-6))
+        if nxt in measured:  # the steps are too coarse to move the prediction this little: nothing new to time
+            break
+        step = nxt
+    best = min(measured, key=lambda s: (abs(measured[s] / asked - 1.0), s))
+    return best, {"closed_loop": True, "asked_kept": asked, "measured_kept": measured[best],
+                  "measured_ratio": measured[best] / asked, "converged": abs(measured[best] / asked - 1.0)
+                  <= cfg.latency_tol, "latency_tol": cfg.latency_tol, "iterations": iterations}
 
 
 def _even_steps(cands: Any) -> list[int]:

@@ -17,6 +17,11 @@ The time of everything else in the forward (BatchNorm, activations, residual add
 model's measured total minus its layers' sum (``rest_ms``). Those are element-wise passes over the
 layers' outputs, so the prediction scales it by the share of output elements (channels x positions) the
 pruned model still produces.
+
+The prediction is still only a model of the stopwatch (per-layer times do not add up exactly: framework
+overhead, caches shared between layers), so :func:`hap.plan` closes the loop: it times the planned model,
+and :func:`next_internal_target` says which table target to plan for next so that the *measured* latency
+lands on the asked one.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LayerLatency", "LatencyTable", "LayerUse", "interp2", "isotonic", "TABLE_VERSION", "ROUND_TO_CHOICES"]
+__all__ = ["LayerLatency", "LatencyTable", "LayerUse", "interp2", "isotonic", "next_internal_target", "TABLE_VERSION",
+           "ROUND_TO_CHOICES"]
 
 TABLE_VERSION = 1
 ROUND_TO_CHOICES = (1, 2, 4, 8, 16, 32)
@@ -249,3 +255,41 @@ class LatencyTable:
                        rest_ms=float(d["rest_ms"]), settings=dict(d.get("settings", {})), version=int(d["version"]))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed latency table ({type(e).__name__}: {e}): re-measure it") from e
+
+
+def next_internal_target(points: Sequence[tuple[float, float]], asked_kept: float, cap: float) -> float:
+    """The table target (fraction of the *predicted* latency removed) to plan for next, so that the *measured*
+    kept latency comes to ``asked_kept``: regula falsi on measured kept against predicted removed.
+
+    The measured kept fraction falls as the predicted removal grows, but not one for one (the table predicts
+    more speed-up than a network shows), so the planner inverts the measured curve instead of trusting the
+    table. With a plan on each side of the asked value, the next target is the secant root between the two
+    nearest to it (the bracket only shrinks); with every plan too slow, the secant through the two most
+    aggressive ones is extrapolated; a flat or rising secant (measurement noise, or per-call overhead that
+    pruning does not remove) gives no direction, so the most aggressive plan allowed is tried next, which
+    settles whether the target is reachable at all.
+
+    Args:
+        points: ``(predicted fraction removed, measured kept fraction)`` of every plan timed so far; the dense
+            model ``(0, 1)`` is implied (kept 1 by definition) and need not be given.
+        asked_kept: The kept latency asked for (``1 - Target.latency``), in (0, 1).
+        cap: The largest table target allowed (the most aggressive plan's predicted removal, at most 0.99).
+
+    Returns:
+        The next table target, clamped to ``[0, cap]``.
+    """
+    cap = min(max(float(cap), 0.0), 0.99)
+    pts = sorted({(0.0, 1.0), *((float(x), float(k)) for x, k in points)})
+    slow = [p for p in pts if p[1] > asked_kept]  # the dense anchor is always here: asked_kept < 1
+    fast = [p for p in pts if p[1] <= asked_kept and p[0] > 0]
+    if fast:
+        hi = min(fast)  # the least aggressive plan that is fast enough
+        lo = max(p for p in slow if p[0] < hi[0])  # the most aggressive one below it that is too slow
+        x = lo[0] + (lo[1] - asked_kept) * (hi[0] - lo[0]) / (lo[1] - hi[1])
+    elif len(slow) < 2 or slow[-1][0] <= slow[-2][0]:
+        x = cap  # one point, or two at one prediction: no slope to follow
+    else:
+        (x1, k1), (x2, k2) = slow[-2:]
+        slope = (k2 - k1) / (x2 - x1)  # measured kept per unit of predicted removal (the table's own is -1)
+        x = cap if slope >= -1e-3 else x2 + (asked_kept - k2) / slope
+    return min(max(x, 0.0), cap)

@@ -47,8 +47,9 @@ class Target:
         channels: Fraction of prunable channels removed or implanted (the reference code's
             "pruning ratio"; implanted channels count as pruned, as there).
         heads: Fraction of attention heads removed (units from ``hap.sensitivity(..., units="heads")``).
-        latency: Fraction of the dense model's CPU latency removed (0.5: twice as fast), as predicted by a
-            per-layer latency table measured on this machine (:mod:`hap.latency_table`) at its batch size.
+        latency: Fraction of the dense model's CPU latency removed (0.5: twice as fast) at the batch size of
+            a per-layer latency table measured on this machine (:mod:`hap.latency_table`): planned on the
+            table's prediction, then timed and re-planned until measured (``PlanConfig.latency_iters``).
     """
 
     params: float | None = None
@@ -232,6 +233,8 @@ class PruningPlan:
             return self.heads_removed
         if kind == "latency" and "latency" in self.settings:
             lat = self.settings["latency"]
+            if "measured_kept" in lat:  # planned in a closed loop: what the stopwatch saw, not the table
+                return 1.0 - float(lat["measured_kept"])
             return 1.0 - float(lat["predicted_ms"]) / float(lat["dense_ms"])
         raise ValueError(f"unknown target kind {kind!r}")
 
