@@ -209,6 +209,81 @@ def _train(r: int, world: int) -> dict[str, Any]:
     train(tm.model, data, TrainConfig(steps=3, lr=1e-3, batch_size=7, seed=0), task=TextTask(tm.tokenizer),
           progress=False)
     out["text"] = {k: v.clone() for k, v in tm.model.state_dict().items()}
+    # a whole pass: its last global batch has 1 row (36 = 5 * 7 + 1), so rank 0's share of it is empty and
+    # it trains on a stand-in row of weight 0 (every DDP rank must step)
+    tm = load_text_model(text / "enc", data.label_names)
+    res = train(tm.model, data, TrainConfig(epochs=1.0, lr=1e-3, batch_size=7, seed=0), task=TextTask(tm.tokenizer),
+                progress=False)
+    out["text_short"] = {k: v.clone() for k, v in tm.model.state_dict().items()}
+    out["text_short_steps"] = (data.sizes()["train"], res.steps)
+    return out
+
+
+def _images(n: int = 40) -> hap.data.Dataset:
+    """A tiny in-memory :class:`hap.data.Dataset` (8x8 grey images): its loader shards itself."""
+    from hap.data import Dataset, Split
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n + 16, 1, 8, 8), generator=g, dtype=torch.uint8)
+    y = (x[:, 0, :4].float().mean((1, 2)) > x[:, 0, 4:].float().mean((1, 2))).long()
+    stats = dict(mean=(0.5,), std=(0.29,))
+    return Dataset("tiny", Split(x[:n], y[:n], **stats), Split(x[n:], y[n:], **stats), Split(x[n:], y[n:], **stats),
+                   2, 1, (0.5,), (0.29,), ("a", "b"), (8, 8))
+
+
+class _StopAt(torch.nn.Module):
+    """A conv net without BatchNorm (DDP then equals one process) that raises KeyboardInterrupt at its
+    ``stop_at``-th training forward: every rank is interrupted at the same step."""
+
+    def __init__(self, seed: int, stop_at: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                       torch.nn.Linear(4 * 6 * 6, 2))
+        self.stop_at, self.calls = stop_at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.stop_at:
+                raise KeyboardInterrupt
+        return self.net(x)
+
+
+RESUME_CFG = dict(epochs=2, batch_size=9, lr=0.05, seed=1, augment=True, memory_format="contiguous")
+
+
+def _resume(r: int, world: int) -> dict[str, Any]:
+    """hap.data's self-sharding loader (augmented, 9 rows a batch: 5 + 4 on two ranks) under DDP, and a
+    2-epoch run interrupted after its first epoch's checkpoint, resumed the way ``hap ... --resume`` does
+    under torchrun: rank 0 with the run directory and ``resume=True``, the other ranks with a scratch
+    directory and ``resume=False`` (rank 0's checkpoint is every rank's)."""
+    import tempfile
+
+    from hap.train import TrainConfig, train
+
+    cfg = TrainConfig(**RESUME_CFG)
+    root = Path(os.environ["HAP_TEST_OUT"], f"resume-w{world}")
+    out: dict[str, Any] = {}
+    model = _StopAt(r)
+    train(model, _images(), cfg, out_dir=root / "whole" if r == 0 else None, progress=False)
+    out["whole"] = {k: v.clone() for k, v in model.net.state_dict().items()}
+    if world == 1:
+        return out
+    scratch = Path(tempfile.mkdtemp(prefix=f"hap-test-rank{r}-"))
+    run = root / "run" if r == 0 else scratch / "run"
+    try:
+        train(_StopAt(r, stop_at=40 // 9 + 1), _images(), cfg, out_dir=run, progress=False)
+    except KeyboardInterrupt:
+        out["interrupted"] = True
+    from hap.train.checkpoint import read_checkpoint
+
+    out["checkpoint_epoch"] = read_checkpoint(root / "run").meta["epoch"] if r == 0 else None
+    model = _StopAt(100 + r)  # another init: every weight must come from the checkpoint
+    res = train(model, _images(), cfg, out_dir=run, resume=r == 0, progress=False)
+    out["resumed"] = {k: v.clone() for k, v in model.net.state_dict().items()}
+    out["resumed_steps"] = res.steps
+    out["scratch_files"] = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.is_file())
     return out
 
 
@@ -226,7 +301,8 @@ def _all(r: int, world: int) -> dict[str, Any]:
     return out
 
 
-SCENARIOS = {"estimates": _estimates, "raises": _raises, "repair": _repair, "train": _train, "all": _all}
+SCENARIOS = {"estimates": _estimates, "raises": _raises, "repair": _repair, "train": _train, "resume": _resume,
+             "all": _all}
 
 
 @pytest.fixture(scope="module")
@@ -314,13 +390,15 @@ def test_ddp_fine_tuning_equals_one_process_with_the_same_global_batch(ranks, tm
     two = _ok(ranks["train"])
     monkeypatch.setenv("HAP_TEST_OUT", str(tmp_path))
     one = _train(0, 1)
-    for key in ("vision", "text"):
+    assert one["text_short_steps"] == two[0]["text_short_steps"] == (36, 6)
+    for key in ("vision", "text", "text_short"):
         for r in range(WORLD):
             for k, v in one[key].items():
                 if k.endswith("attention.self.key.bias"):
                     continue  # its true gradient is exactly 0 (softmax ignores it): Adam scales rounding noise to lr
-                torch.testing.assert_close(two[r][key][k], v, rtol=1e-6 if key == "text" else 1e-9,
-                                           atol=1e-7 if key == "text" else 1e-12, msg=f"{key}, rank {r}: {k}")
+                text = key != "vision"
+                torch.testing.assert_close(two[r][key][k], v, rtol=1e-6 if text else 1e-9,
+                                           atol=1e-7 if text else 1e-12, msg=f"{key}, rank {r}: {k}")
     assert two[0]["interrupted_at"] == two[1]["interrupted_at"] == one["interrupted_at"] == 4
     assert "last.json" in two[0]["written"] and two[0]["steps"] == one["steps"] == 10
     def strip(history):
@@ -338,6 +416,164 @@ def test_ddp_fine_tuning_equals_one_process_with_the_same_global_batch(ranks, tm
           progress=False)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(one["vision"][k], v, rtol=1e-12, atol=1e-14)
+
+
+def test_self_sharding_vision_loader_under_ddp_equals_one_process(ranks, tmp_path, monkeypatch):
+    two = _ok(ranks["resume"])
+    monkeypatch.setenv("HAP_TEST_OUT", str(tmp_path))
+    one = _resume(0, 1)
+    for r in range(WORLD):
+        for k, v in one["whole"].items():
+            torch.testing.assert_close(two[r]["whole"][k], v, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {k}")
+    assert any(not torch.equal(v, _StopAt(0).net.state_dict()[k]) for k, v in one["whole"].items())  # it trained
+
+
+def test_resume_under_ddp_with_scratch_dirs_follows_the_uninterrupted_run(ranks):
+    two = _ok(ranks["resume"])
+    assert two[0]["interrupted"] and two[1]["interrupted"] and two[0]["checkpoint_epoch"] == 0
+    for r in range(WORLD):
+        assert two[r]["resumed_steps"] == 2 * (40 // 9)
+        for k, v in two[0]["whole"].items():
+            torch.testing.assert_close(two[r]["resumed"][k], v, rtol=1e-6, atol=1e-7, msg=f"rank {r}: {k}")
+    assert two[1]["scratch_files"] == []  # rank 1 never writes: rank 0 alone holds the run
+    assert (ranks["_dir"] / "resume-w2" / "run" / "best.safetensors").is_file()
+
+
+# -- each rank loads only its rows (no processes: a rank's loaders are built under a faked shard)
+
+
+def _vision_batches(world: int, r: int, monkeypatch, epoch: int = 1) -> tuple[list[Any], list[int]]:
+    import hap.data.batches as batches_mod
+    from hap.train import TrainConfig, VisionTask
+
+    loaded: list[int] = []
+    real = batches_mod.to_float
+    monkeypatch.setattr(batches_mod, "to_float", lambda x: (loaded.append(len(x)), real(x))[1])
+    cfg = VisionTask().resolve(TrainConfig(**RESUME_CFG))
+    with hd._as_shard(r, world):
+        batches = VisionTask().train_batches(_images(), cfg, epoch)
+        out = list(batches)
+    assert len(batches) == 40 // 9 and (hd.loader_shard(batches) is not None) == (world > 1)
+    monkeypatch.setattr(batches_mod, "to_float", real)
+    return out, loaded
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_loads_and_augments_only_its_rows_of_the_vision_batch(world, monkeypatch):
+    one, loaded_one = _vision_batches(1, 0, monkeypatch)
+    assert loaded_one == [9] * len(one)
+    shards = [_vision_batches(world, r, monkeypatch) for r in range(world)]
+    for r, (batches, loaded) in enumerate(shards):
+        lo, hi = hd.GlobalBatchShard(r, world).bounds(9)
+        assert loaded == [hi - lo] * len(one)  # indexed and converted: its rows only, ~9 / world
+        assert [len(y) for _, y in batches] == loaded
+    for b, (x, y) in enumerate(one):  # the union, in rank order, is one process's batch, augmentation included
+        torch.testing.assert_close(torch.cat([s[0][b][0] for s in shards]), x, rtol=0, atol=0)
+        assert torch.equal(torch.cat([s[0][b][1] for s in shards]), y)
+    # the loss weights W n_r / n average to 1: the DDP mean of the gradients is the global batch's
+    assert sum(hd.GlobalBatchShard(r, world).weight(9) for r in range(world)) == pytest.approx(world)
+
+
+def test_augment_draws_then_applies_exactly_as_the_one_call_recipe():
+    """Drawing a global batch's parameters apart from applying them changes no draw: a run resumed across
+    this split (or one process against W ranks) sees the same augmented images."""
+    from hap.data.transforms import Augment, random_crop, random_hflip
+
+    x = torch.rand(9, 3, 8, 8)
+    for pad, flip in ((4, True), (0, True), (2, False)):
+        g = torch.Generator().manual_seed(5)
+        expected = random_crop(x, pad, g)
+        expected = random_hflip(expected, g) if flip else expected
+        aug = Augment(pad, flip)
+        assert torch.equal(aug(x, torch.Generator().manual_seed(5)), expected)
+        draws = aug.draw(9, torch.Generator().manual_seed(5))
+        assert torch.equal(torch.cat([aug.apply(x[:4], draws.rows(0, 4)), aug.apply(x[4:], draws.rows(4, 9))]),
+                           expected)
+
+
+def test_a_custom_augmentation_is_drawn_on_the_whole_batch_and_cut(monkeypatch):
+    from hap.data import Augment
+
+    class Noisy(Augment):
+        def __call__(self, x, generator=None):
+            return x + torch.rand(x.shape, generator=generator)
+
+    def batches(r: int, world: int) -> list[Any]:
+        with hd._as_shard(r, world):
+            return list(_images().loader("train", 9, shuffle=True, augment=Noisy(),
+                                         generator=torch.Generator().manual_seed(3), drop_last=True,
+                                         shard=hd.GlobalBatchShard.current()))
+
+    one, parts = batches(0, 1), [batches(r, 2) for r in range(2)]
+    for b, (x, _) in enumerate(one):
+        assert torch.equal(torch.cat([p[b][0] for p in parts]), x)
+
+
+class _CountingTokenizer:
+    """A tokenizer that records how many texts each call tokenizes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.calls = inner, []
+        self.model_input_names = inner.model_input_names
+        self.pad_token = inner.pad_token
+
+    def __call__(self, texts, **kw):
+        self.calls.append(len(texts))
+        return self.inner(texts, **kw)
+
+
+@pytest.mark.parametrize("task_name", ["text", "causal-lm"])
+def test_each_rank_tokenizes_only_its_rows_of_the_text_batch(task_name, tmp_path):
+    from hap.text import load_text_data
+    from hap.train import CausalLMTask, TextTask, TrainConfig
+
+    from .text.conftest import make_tokenizer, write_csv
+
+    write_csv(tmp_path / "d.csv", n=60)
+    data = load_text_data(str(tmp_path / "d.csv"), fractions={"train": 0.6, "val": 0.2, "score": 0.0, "test": 0.2})
+    n_train = data.sizes()["train"]
+    tok = make_tokenizer(tmp_path / "tok")
+    cfg = TrainConfig(batch_size=7, seed=2, epochs=1.0)
+
+    def rows(r: int, world: int) -> tuple[list[list[list[int]]], list[torch.Tensor], list[int], Any]:
+        counting = _CountingTokenizer(tok)
+        task = (TextTask if task_name == "text" else CausalLMTask)(counting)
+        with hd._as_shard(r, world):
+            loader = task.train_batches(data, task.resolve(cfg), 1)
+            batches = list(loader)
+        unpadded = [[ids[m.bool()].tolist() for ids, m in zip(x["input_ids"], x["attention_mask"], strict=True)]
+                    for x, _ in batches]
+        return unpadded, [y for _, y in batches], counting.calls, loader
+
+    one_ids, one_y, one_calls, _ = rows(0, 1)
+    sizes = [min(7, n_train - 7 * b) for b in range(len(one_y))]
+    assert one_calls == sizes and sizes[-1] < 7  # a short last batch: n not a multiple of W
+    parts = [rows(r, 2) for r in range(2)]
+    shards = [hd.GlobalBatchShard(r, 2) for r in range(2)]
+    for r, (_, _, calls, loader) in enumerate(parts):
+        # tokenized: its rows only (or one stand-in row of weight 0 where its share of the last one is empty)
+        assert calls == [max(1, shards[r].bounds(n)[1] - shards[r].bounds(n)[0]) for n in sizes]
+        assert [loader.global_batch_rows(b) for b in range(len(sizes))] == sizes
+    for b, n in enumerate(sizes):  # the ranks' rows of weight > 0 are the same texts, in one process's order
+        kept = [r for r in range(2) if shards[r].weight(n) > 0]
+        assert sum((parts[r][0][b] for r in kept), []) == one_ids[b]
+        if task_name == "text":
+            assert torch.equal(torch.cat([parts[r][1][b] for r in kept]), one_y[b])
+    if sizes[-1] == 1:
+        assert shards[0].weight(1) == 0 and parts[0][0][-1] == parts[1][0][-1]  # rank 0's stand-in: the last row
+
+
+def test_shard_batch_still_cuts_a_whole_batch_for_loaders_that_do_not_shard():
+    x, y = torch.arange(7.0).view(7, 1), torch.arange(7)
+    got = []
+    for r in range(2):
+        with hd._as_shard(r, 2):
+            got.append(hd.shard_batch({"x": x, "k": 3}, y))
+    assert torch.equal(torch.cat([g[1] for g in got]), y) and got[0][0]["k"] == 3
+    assert [g[2] for g in got] == [2 * 3 / 7, 2 * 4 / 7]
+    assert hd.shard_batch(x, y) == (x, y, 1.0)  # one process: the batch itself
+    with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
+        hd.GlobalBatchShard(2, 2)
 
 
 @pytest.mark.slow
@@ -370,6 +606,69 @@ def test_cli_prune_under_torchrun_writes_one_run_equal_to_one_process(tmp_path):
     assert two["settings"]["world_size"] == 2 and two["batches"] == one["batches"]
     np.testing.assert_allclose([u["score"] for u in two["units"]], [u["score"] for u in one["units"]], rtol=1e-5)
     assert (tmp_path / "two" / "manifest.json").is_file() and (tmp_path / "two" / "model.safetensors").is_file()
-    # --resume is refused under torchrun (rank 0 alone holds the run directory)
+    # --resume under torchrun: rank 0 inspects the run directory and shares its scores and checkpoint (an
+    # unfinished run: its manifest removed, the fine-tune's checkpoint and sensitivity.json kept)
+    from safetensors.torch import load_file
+
+    before = load_file(str(tmp_path / "two" / "model.safetensors"))
+    (tmp_path / "two" / "manifest.json").unlink()
     r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    assert r.returncode != 0 and "--resume is not supported under torchrun" in r.stderr  # torchrun: rc 1
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "nothing to resume" not in r.stderr and r.stdout.count("written:") == 1
+    assert (tmp_path / "two" / "manifest.json").is_file()
+    after = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    resumed = json.loads((tmp_path / "two" / "sensitivity.json").read_text())
+    assert [u["score"] for u in resumed["units"]] == [u["score"] for u in two["units"]]  # loaded, not recomputed
+
+
+@pytest.mark.slow
+def test_cli_train_under_torchrun_interrupted_then_resumed_equals_the_uninterrupted_run(tmp_path):
+    """``torchrun ... hap train --epochs 3``, interrupted (SIGINT) once an epoch is checkpointed, then
+    ``--resume``: the kept weights are those of the uninterrupted 2-rank run (~2 min on 2 cores)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from .cli.conftest import write_tiny_fmnist
+
+    fm = write_tiny_fmnist(tmp_path / "fm")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HAP_DIST_TIMEOUT": "30"}
+
+    def cmd(out: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(_free_port()), "-m", "hap.cli", "train", "--data-root", str(fm), "--epochs", "3", "--batch-size",
+                "32", "--threads", "1", "--no-progress", "--out", str(tmp_path / out), *extra]
+
+    r = subprocess.run(cmd("ref"), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    part = tmp_path / "part"
+    p = subprocess.Popen(cmd("part"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while p.poll() is None and not (part / "last.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGINT)  # torchrun and both ranks, as Ctrl-C in a terminal
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    interrupted = not (part / "manifest.json").is_file()
+    epoch = json.loads((part / "last.json").read_text())["epoch"]
+    r = subprocess.run(cmd("part", "--resume"), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "nothing to resume" not in r.stderr  # the other rank's scratch directory is not inspected
+    print(f"interrupted: {interrupted}, after epoch {epoch}")  # (-s) a run that beat the SIGINT is resumed too
+    ref, got = load_file(str(tmp_path / "ref" / "best.safetensors")), load_file(str(part / "best.safetensors"))
+    assert ref.keys() == got.keys()
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    history = json.loads((part / "last.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert not [q for q in part.rglob("*") if "hap-rank" in q.name]  # no scratch output of rank 1 in the run

@@ -20,6 +20,7 @@ import functools
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -43,6 +44,8 @@ __all__ = [
     "barrier",
     "DEFAULT_TIMEOUT_S",
     "shard_batch",
+    "GlobalBatchShard",
+    "loader_shard",
     "data_parallel",
     "any_rank",
     "broadcast_buffers",
@@ -222,25 +225,115 @@ def on_main(fn: Callable[[], T]) -> T | None:
     return out
 
 
+@dataclass(frozen=True)
+class GlobalBatchShard:
+    """Which rows of every global batch one rank loads, and the factor its mean loss is scaled by.
+
+    Every rank draws the *same* global batches (same seed, same order and the same augmentation draws as
+    one process) and keeps rows ``[n r / W, n (r + 1) / W)`` of each: the union of the ranks' rows is the
+    batch one process would train on, so a step of ``W`` ranks is that process's step.
+
+    A loader that knows its shard (``hap.data``'s :class:`~hap.data.BatchLoader`, :class:`hap.text.TextLoader`
+    and the causal-LM loader) applies it to the *indices* of each global batch before loading anything, so
+    a rank indexes, augments and tokenizes only its own ``n / W`` rows: data loading costs ``1 / W`` of one
+    process's, as the forward and backward passes do. (Loading the whole global batch on every rank and
+    slicing it, :func:`shard_batch`, is the fallback for loaders that do not shard themselves; it keeps the
+    same semantics at ``W`` times the loading cost, which becomes the bottleneck for tokenization and
+    augmentation once ``W`` GPUs share the compute.) Such a loader exposes the shard as its ``shard``
+    attribute and the size of global batch ``b`` as ``global_batch_rows(b)`` (:func:`loader_shard`).
+
+    ``DistributedDataParallel`` averages gradients over ranks, so rank ``r``'s mean loss is scaled by
+    :meth:`weight` ``= W n_r / n``: the average of the scaled gradients is the gradient of the global mean
+    even when ``n`` is not a multiple of ``W``.
+
+    Attributes:
+        rank: This rank (0 for one process).
+        world: Number of ranks (1 for one process).
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is not in 0..{self.world - 1}: give 0 <= rank < world")
+
+    @classmethod
+    def current(cls) -> GlobalBatchShard:
+        """This process's shard: its rank of the initialised process group (rank 0 of 1 without one)."""
+        if _FAKE_SHARD is not None:
+            return _FAKE_SHARD
+        return cls(rank(), world_size())
+
+    @property
+    def whole(self) -> bool:
+        """Whether this shard is every row (one process): loaders then load exactly as without sharding."""
+        return self.world == 1
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """Rows ``[lo, hi)`` of a global batch of ``n`` rows that this rank keeps (contiguous, sizes within 1)."""
+        return n * self.rank // self.world, n * (self.rank + 1) // self.world
+
+    def load_bounds(self, n: int) -> tuple[int, int]:
+        """Rows ``[lo, hi)`` this rank loads: :meth:`bounds`, except that a rank whose share is empty (a
+        short last batch of fewer than ``W`` rows) loads the batch's last row as a stand-in of
+        :meth:`weight` 0. Under ``DistributedDataParallel`` every rank must run a forward and a backward
+        each step (the gradient all-reduce waits for all), and an empty batch has no mean loss."""
+        lo, hi = self.bounds(n)
+        return (lo, hi) if hi > lo or n == 0 else (n - 1, n)
+
+    def rows(self, index: T) -> T:
+        """This rank's part of a global batch's row indices (a tensor, list or range; sliced, not copied),
+        as :meth:`load_bounds` says."""
+        lo, hi = self.load_bounds(len(index))  # type: ignore[arg-type]
+        return index[lo:hi]  # type: ignore[index]
+
+    def weight(self, n: int) -> float:
+        """The factor this rank's mean loss is scaled by for a global batch of ``n`` rows: ``W n_r / n``
+        (0 for a stand-in row, :meth:`load_bounds`)."""
+        lo, hi = self.bounds(n)
+        return self.world * (hi - lo) / max(n, 1)
+
+
+_FAKE_SHARD: GlobalBatchShard | None = None  # tests only (_as_shard): a rank's loaders without processes
+
+
+@contextlib.contextmanager
+def _as_shard(rank_: int, world: int) -> Iterator[GlobalBatchShard]:
+    """Private test hook: loaders built inside the block shard as rank ``rank_`` of ``world`` would, with
+    no process group (the collectives are untouched: only :meth:`GlobalBatchShard.current` changes)."""
+    global _FAKE_SHARD
+    saved, _FAKE_SHARD = _FAKE_SHARD, GlobalBatchShard(rank_, world)
+    try:
+        yield _FAKE_SHARD
+    finally:
+        _FAKE_SHARD = saved
+
+
+def loader_shard(batches: Any) -> GlobalBatchShard | None:
+    """The shard a loader already applies to its batches (its ``shard`` attribute), or ``None``: a loader
+    that yields whole global batches (then :func:`shard_batch` cuts each one) or one without a process group."""
+    shard = getattr(batches, "shard", None)
+    return shard if isinstance(shard, GlobalBatchShard) and not shard.whole else None
+
+
 def shard_batch(inputs: Any, targets: torch.Tensor) -> tuple[Any, torch.Tensor, float]:
     """This rank's contiguous share of one global batch, and the factor its mean loss is scaled by.
 
-    Every rank iterates the *same* global batches (same seed, same order, same augmentation draws as one
-    process) and keeps rows ``[n r / W, n (r + 1) / W)``: the union of the ranks' rows is the batch one
-    process would train on, so a step of ``W`` ranks is that process's step. Data loading is replicated
-    (hap's datasets are in-memory tensors and tokenizers are cheap next to a forward pass); the compute
-    is what is split. ``DistributedDataParallel`` averages gradients over ranks, so rank ``r``'s mean loss
-    is scaled by ``W n_r / n``: the average of the scaled gradients is the gradient of the global mean
-    even when ``n`` is not a multiple of ``W``.
+    The fallback for loaders that do not shard themselves (a user's :class:`hap.train.Task` subclass):
+    every rank loads the same whole global batch and keeps rows ``[n r / W, n (r + 1) / W)`` of it, with
+    loss weight ``W n_r / n`` (see :class:`GlobalBatchShard`, which hap's own loaders apply before loading,
+    so that loading is split across ranks as the compute is).
 
     Returns:
-        ``(inputs, targets, weight)``; the batch itself and weight 1 without a process group.
+        ``(inputs, targets, weight)``; the batch itself and weight 1 without a process group. A rank whose
+        share is empty gets the batch's last row with weight 0 (:meth:`GlobalBatchShard.load_bounds`).
     """
-    if not is_distributed():
+    shard = GlobalBatchShard.current()
+    if shard.whole:
         return inputs, targets, 1.0
     n = len(targets)
-    w, r = world_size(), rank()
-    lo, hi = n * r // w, n * (r + 1) // w
+    lo, hi = shard.load_bounds(n)
 
     def cut(v: Any) -> Any:
         return v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
@@ -251,7 +344,7 @@ def shard_batch(inputs: Any, targets: torch.Tensor) -> tuple[Any, torch.Tensor, 
         inputs = type(inputs)(cut(v) for v in inputs)
     else:
         inputs = cut(inputs)
-    return inputs, targets[lo:hi], w * (hi - lo) / max(n, 1)
+    return inputs, targets[lo:hi], shard.weight(n)
 
 
 def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
@@ -302,7 +395,12 @@ def rank0_outputs(out: str | None) -> Iterator[str | None]:
     """For a command line run under ``torchrun``: rank 0 keeps ``out`` and the terminal; every other rank
     runs the same command with its standard output discarded and its outputs going to a private scratch
     path (removed afterwards), so only rank 0 prints tables and writes the run directory, and the command
-    itself needs no rank checks. Yields the path the command should write to."""
+    itself needs no rank checks. Yields the path the command should write to.
+
+    A resumed run reads the run directory on rank 0 only, which hands the others what it found (the
+    checkpoint through :func:`hap.train.train`, ``sensitivity.json`` through ``hap prune``): a scratch path
+    holds nothing to resume, and the other ranks must take the same branch (skip or compute the scoring
+    and its collectives) as rank 0. Nothing a non-main rank writes reaches ``out``."""
     if not is_distributed() or is_main():
         yield out
         return

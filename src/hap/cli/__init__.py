@@ -55,21 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def _torchrun(args: argparse.Namespace) -> Iterator[None]:
     """Under ``torchrun`` (``WORLD_SIZE > 1``): join the process group (gloo on CPU, NCCL on GPUs), rank 0
-    alone prints and writes (:func:`hap.distributed.rank0_outputs`), and the group is left at the end."""
+    alone prints and writes (:func:`hap.distributed.rank0_outputs`), and the group is left at the end.
+
+    ``--resume`` is rank 0's: it alone holds the run directory, so it alone inspects it (run state,
+    ``sensitivity.json``, the checkpoint) and hands every rank what a resume reads (the checkpoint through
+    :func:`hap.train.train`, the scores through the command). The other ranks run as a fresh run in their
+    scratch directory (``args.resume`` off: nothing of theirs to resume, and no note about it) and never
+    write into the real one.
+    """
     from .. import distributed as hd
 
     if not hd.init_from_env():
         yield
         return
     try:
-        if getattr(args, "resume", False):
-            raise UserError("--resume is not supported under torchrun yet: resume with one process, or start "
-                            "over with --overwrite")
         with hd.rank0_outputs(getattr(args, "out", None)) as out:
             if getattr(args, "out", None) is not None:
                 args.out = out
-            if not hd.is_main() and hasattr(args, "no_progress"):
-                args.no_progress = True
+            if not hd.is_main():
+                if hasattr(args, "no_progress"):
+                    args.no_progress = True
+                if getattr(args, "resume", False):
+                    args.resume = False  # rank 0 decides and shares what it resumes from
             with hd.collective_errors():  # a rank that fails makes the others stop, not wait
                 yield
     finally:

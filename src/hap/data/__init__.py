@@ -26,6 +26,7 @@ from hap.data.fashion_mnist import load_fashion_mnist
 from hap.data.imagefolder import load_image_folder, split_folders
 from hap.data.splits import Split, channel_stats, stratified_indices
 from hap.data.transforms import Augment
+from hap.distributed import GlobalBatchShard
 
 __all__ = [
     "Augment",
@@ -100,8 +101,10 @@ class Dataset:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         drop_last: bool = False,
+        shard: GlobalBatchShard | None = None,
     ) -> BatchLoader:
-        """Batches of one split normalised with the training statistics; see :func:`hap.data.loader`."""
+        """Batches of one split normalised with the training statistics; see :func:`hap.data.loader`
+        (``shard``: this rank's rows of every global batch only, :class:`hap.distributed.GlobalBatchShard`)."""
         return loader(
             self.split(split),
             batch_size,
@@ -112,6 +115,7 @@ class Dataset:
             std=self.std,
             device=device,
             drop_last=drop_last,
+            shard=shard,
         )
 
     def __repr__(self) -> str:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from hap.data.splits import Split
 from hap.data.transforms import Augment, default_padding, normalize, to_float
+from hap.distributed import GlobalBatchShard
 
 __all__ = ["BatchLoader", "loader"]
 
@@ -36,6 +37,11 @@ class BatchLoader:
         generator: Randomness for shuffling and augmentation (global RNG when ``None``).
         device: Where batches are produced; defaults to the split's device.
         drop_last: Skip a final short batch (keeps BatchNorm statistics from a 1-image batch).
+        shard: Serve only this rank's rows of every global batch (data-parallel training): the order,
+            the batches and the augmentation parameters are drawn for the whole global batch as one
+            process would, but only rows ``shard.rows(...)`` are indexed, converted, augmented and
+            normalised, so each rank's loading costs ``1 / W`` of one process's. ``len()`` still counts
+            global batches; :meth:`global_batch_rows` gives each one's size (for the loss weight).
     """
 
     def __init__(
@@ -49,6 +55,7 @@ class BatchLoader:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         drop_last: bool = False,
+        shard: GlobalBatchShard | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -58,6 +65,7 @@ class BatchLoader:
         self.augment = augment
         self.generator = generator
         self.drop_last = drop_last
+        self.shard = None if shard is None or shard.whole else shard
         self.device = torch.device(device) if device is not None else split.inputs.device
         self._mean = torch.tensor(list(mean), dtype=torch.float32, device=self.device)
         self._std = torch.tensor(list(std), dtype=torch.float32, device=self.device)
@@ -72,6 +80,10 @@ class BatchLoader:
         n = len(self.split)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def global_batch_rows(self, b: int) -> int:
+        """Rows of global batch ``b`` (all ranks together): what a sharded batch's loss weight is relative to."""
+        return min(self.batch_size, len(self.split) - b * self.batch_size)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         inputs, labels = self.split.inputs, self.split.labels
         n = len(labels)
@@ -79,19 +91,34 @@ class BatchLoader:
         if self.shuffle:
             gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
             order = torch.randperm(n, generator=self.generator, device=gen_device).to(inputs.device)
+        shard = self.shard
+        # a custom augmentation (a subclass overriding __call__) cannot be drawn for rows it does not see:
+        # it augments the whole global batch, which is then cut (same rows, no saving)
+        split_draws = shard is not None and type(self.augment).__call__ is Augment.__call__
+        non_blocking = self.device.type == "cuda"
         for b in range(len(self)):
             start = b * self.batch_size
             stop = min(start + self.batch_size, n)
-            if order is None:
-                x, y = inputs[start:stop], labels[start:stop]
-            else:
-                idx = order[start:stop]
-                x, y = inputs[idx], labels[idx]
-            non_blocking = self.device.type == "cuda"
+            idx: Tensor | slice = slice(start, stop) if order is None else order[start:stop]
+            lo, hi = (0, stop - start) if shard is None else shard.load_bounds(stop - start)
+            if split_draws or self.augment is None:
+                idx = _rows(idx, lo, hi)
+            x, y = inputs[idx], labels[idx]
             x = to_float(x.to(self.device, non_blocking=non_blocking))
-            if self.augment is not None:
+            if self.augment is not None and split_draws:
+                x = self.augment.apply(x, self.augment.draw(stop - start, self.generator, self.device).rows(lo, hi))
+            elif self.augment is not None:
                 x = self.augment(x, self.generator)
+                if shard is not None:
+                    x, y = x[lo:hi], y[lo:hi]
             yield normalize(x, self._mean, self._std), y.to(self.device, non_blocking=non_blocking)
+
+
+def _rows(idx: Tensor | slice, lo: int, hi: int) -> Tensor | slice:
+    """Rows ``[lo, hi)`` of a batch's index (a permutation's slice or a contiguous range)."""
+    if isinstance(idx, slice):
+        return slice(idx.start + lo, idx.start + hi)
+    return idx[lo:hi]
 
 
 def loader(
@@ -105,6 +132,7 @@ def loader(
     std: Sequence[float] | None = None,
     device: torch.device | str | None = None,
     drop_last: bool = False,
+    shard: GlobalBatchShard | None = None,
 ) -> BatchLoader:
     """Batches of a split, normalised with the split's training statistics.
 
@@ -119,6 +147,7 @@ def loader(
         std: Override the split's normalisation standard deviation.
         device: Where batches are produced (default: where the split is).
         drop_last: Skip a final short batch.
+        shard: Load only this rank's rows of every global batch (see :class:`BatchLoader`).
 
     Returns:
         A :class:`BatchLoader`; ``len()`` is the number of batches per epoch.
@@ -148,4 +177,5 @@ def loader(
         generator=generator,
         device=device,
         drop_last=drop_last,
+        shard=shard,
     )

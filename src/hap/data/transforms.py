@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "Augment",
+    "AugmentDraws",
     "default_padding",
     "hflip",
     "normalize",
@@ -109,10 +110,17 @@ def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = Non
         raise ValueError(f"padding must be >= 0, got {padding}")
     if padding == 0:
         return x
-    n, _, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
+    n = x.shape[0]
     top = _draw(generator, x.device, "int", n, 2 * padding + 1)
     left = _draw(generator, x.device, "int", n, 2 * padding + 1)
+    return _crop_at(x, padding, top, left)
+
+
+def _crop_at(x: Tensor, padding: int, top: Tensor, left: Tensor) -> Tensor:
+    """Zero-pad by ``padding``, then cut the ``H x W`` window at ``(top[i], left[i])`` out of image ``i``."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    top, left = top.to(x.device), left.to(x.device)
     rows = (top.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
     cols = (left.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
     batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
@@ -146,7 +154,46 @@ class Augment:
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Augment a float batch in [0, 1] (before normalisation)."""
-        x = random_crop(x, self.crop_padding, generator)
+        return self.apply(x, self.draw(x.shape[0], generator, x.device))
+
+    def draw(self, n: int, generator: torch.Generator | None = None,
+             device: torch.device | str = "cpu") -> AugmentDraws:
+        """The random parameters of ``n`` images, drawn from ``generator`` in the order :meth:`__call__`
+        draws them (crop offsets, then flips): ``apply(x, draw(len(x), g))`` is ``self(x, g)``.
+
+        Drawing apart from applying is what lets one rank of a data-parallel run augment only its rows of
+        a global batch (:class:`hap.distributed.GlobalBatchShard`) yet give each row the parameters one
+        process would: draw the whole global batch's, then :meth:`AugmentDraws.rows` to keep its own.
+        """
+        device = torch.device(device)
+        top = left = flip = None
+        if self.crop_padding < 0:
+            raise ValueError(f"padding must be >= 0, got {self.crop_padding}")
+        if self.crop_padding > 0:
+            top = _draw(generator, device, "int", n, 2 * self.crop_padding + 1)
+            left = _draw(generator, device, "int", n, 2 * self.crop_padding + 1)
         if self.flip:
-            x = random_hflip(x, generator)
+            flip = _draw(generator, device, "rand", n) < 0.5
+        return AugmentDraws(top, left, flip)
+
+    def apply(self, x: Tensor, draws: AugmentDraws) -> Tensor:
+        """Augment a float batch in [0, 1] with parameters from :meth:`draw` (one per image of ``x``)."""
+        if draws.top is not None and draws.left is not None:
+            x = _crop_at(x, self.crop_padding, draws.top, draws.left)
+        if draws.flip is not None:
+            x = torch.where(draws.flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
         return x
+
+
+@dataclass(frozen=True)
+class AugmentDraws:
+    """The random parameters :meth:`Augment.draw` drew for a batch: per-image crop offsets and flips
+    (``None`` for a transform the recipe does not apply)."""
+
+    top: Tensor | None
+    left: Tensor | None
+    flip: Tensor | None
+
+    def rows(self, lo: int, hi: int) -> AugmentDraws:
+        """The parameters of images ``[lo, hi)`` only."""
+        return AugmentDraws(*(None if t is None else t[lo:hi] for t in (self.top, self.left, self.flip)))

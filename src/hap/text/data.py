@@ -22,10 +22,13 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ..distributed import GlobalBatchShard
 
 __all__ = [
     "SPLITS",
@@ -315,6 +318,9 @@ class TextLoader:
         shuffle: Shuffle every pass.
         seed: Seed of the shuffles.
         limit: Use only the first ``limit`` examples of the split.
+        shard: Tokenize only this rank's rows of every global batch (data-parallel training,
+            :class:`hap.distributed.GlobalBatchShard`): the order and the batches are one process's, each
+            rank's tokenizing costs ``1 / W`` of it. Padding is to the longest text of the rank's rows.
     """
 
     def __init__(
@@ -328,9 +334,11 @@ class TextLoader:
         shuffle: bool = False,
         seed: int = 0,
         limit: int | None = None,
+        shard: GlobalBatchShard | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.shard = None if shard is None or shard.whole else shard
         self.texts = list(texts)[:limit]
         self.labels = torch.as_tensor(np.asarray(labels)[: len(self.texts)], dtype=torch.long)
         self.tokenizer = tokenizer
@@ -344,6 +352,10 @@ class TextLoader:
 
     def __len__(self) -> int:
         return (len(self.texts) + self.batch_size - 1) // self.batch_size
+
+    def global_batch_rows(self, b: int) -> int:
+        """Examples of global batch ``b`` (all ranks together): what a sharded batch's loss weight is relative to."""
+        return min(self.batch_size, len(self.texts) - b * self.batch_size)
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
@@ -359,4 +371,6 @@ class TextLoader:
         self.passes += 1
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
+            if self.shard is not None:
+                idx = self.shard.rows(idx)
             yield self.encode([self.texts[i] for i in idx.tolist()]), self.labels[idx]

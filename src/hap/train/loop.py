@@ -35,7 +35,10 @@ from ..distributed import (
     data_parallel,
     is_distributed,
     is_main,
+    loader_shard,
+    rank,
     shard_batch,
+    world_size,
 )
 from ..metrics import logits_of
 from .checkpoint import (
@@ -85,7 +88,10 @@ def train(
         task: :class:`VisionTask` (default), :class:`TextTask` or :class:`hap.train.CausalLMTask` (then
             ``TrainResult.best_val_acc`` holds the kept weights' validation perplexity, the task's metric).
         out_dir: Where ``last.*``/``best.safetensors`` go (None: keep in memory).
-        resume: Continue from ``out_dir``'s last checkpoint.
+        resume: Continue from ``out_dir``'s last checkpoint. Under a process group rank 0's ``out_dir`` and
+            ``resume`` decide: it reads and verifies the checkpoint and every rank continues from it, whatever
+            its own arguments (the other ranks of a command line run get a scratch ``out_dir``,
+            :func:`hap.distributed.rank0_outputs`, and ``resume=False``); only rank 0 writes.
         teacher: For knowledge distillation (``cfg.kd_alpha > 0``), e.g. the unpruned model.
         progress: Show progress bars (redrawn only on a terminal; a log gets one line per epoch).
         tag: What else identifies the run (model, data), stored with each checkpoint: a resume with
@@ -112,8 +118,15 @@ def train(
     resumed_layout: str | None = None  # a resumed run keeps the layout it started with (same arithmetic)
     best_state: dict[str, torch.Tensor] | None = None
     ck = read_checkpoint(out) if resume and out is not None and is_main() else None
-    if resume and out is not None and is_distributed():
-        ck = broadcast_object(ck)  # rank 0 finds and verifies the checkpoint; every rank loads those files
+    if is_distributed():
+        # Rank 0 alone holds the run directory: it finds and verifies the checkpoint, and its decision is
+        # every rank's (a rank whose out_dir is a scratch path, hap.distributed.rank0_outputs, resumes
+        # too); every rank then loads the same files, which rank 0 named (one file system, one node).
+        ck = broadcast_object(ck)
+        unseen = [f for f in (ck.weights, ck.optimizer) if not f.is_file()] if ck is not None else []
+        if unseen:  # another node without the run directory's file system
+            raise FileNotFoundError(f"rank {rank()} cannot read '{unseen[0]}', the checkpoint rank 0 resumes from: "
+                                    "put the run directory on a file system every node sees, or resume on one node")
     if ck is not None:
         meta = ck.meta
         changed = resume_differences(meta, cfg.to_dict(), tag)
@@ -148,7 +161,8 @@ def train(
     t0 = time.perf_counter()
     layout = task.prepare(model, data, cfg, resumed_layout) if step < total else (resumed_layout or "contiguous")
     # Under torch.distributed: DDP (rank 0's weights to all, gradients averaged), each rank training on its
-    # share of every global batch (hap.distributed.shard_batch); rank 0 alone writes, the others wait.
+    # share of every global batch: a loader that shards itself (hap.distributed.loader_shard) loads only
+    # that share, any other's global batches are cut here (shard_batch); rank 0 alone writes, the others wait.
     net = data_parallel(model)
     main = is_main()
     result.memory_format = layout
@@ -174,12 +188,20 @@ def train(
         # disable=None: a bar only on a terminal; a log file would get one redraw per update
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{n_epochs}", disable=None if progress and main else True,
                    leave=False)
-        for i, (x, y) in enumerate(task.train_batches(data, cfg, epoch)):
+        batches = task.train_batches(data, cfg, epoch)
+        sharded = loader_shard(batches)
+        if sharded is not None and (sharded.rank, sharded.world) != (rank(), world_size()):
+            raise ValueError(f"the train batches are sharded for rank {sharded.rank} of {sharded.world}, this "
+                             f"is rank {rank()} of {world_size()}: build the loader inside the process group")
+        for i, (x, y) in enumerate(batches):
             if i >= steps:
                 break
             for g in opt.param_groups:
                 g["lr"] = task.lr(cfg, step, total, spe)
-            x, y, share = shard_batch(x, y)
+            if sharded is None:
+                x, y, share = shard_batch(x, y)
+            else:  # already this rank's rows: only the loss weight, relative to the global batch
+                share = sharded.weight(batches.global_batch_rows(i))
             outputs = call_model(net, task.to_input(x, layout))
             logits = logits_of(outputs)
             loss = task.loss(outputs, y)
@@ -198,16 +220,17 @@ def train(
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step += 1
-            n, hits = task.batch_stats(outputs, y)
-            seen += n
-            total_loss += loss.item() * n
-            losses.append(loss.item())
-            correct += hits
+            if share > 0:  # weight 0: a stand-in row for a rank with no share of a short batch, not counted
+                n, hits = task.batch_stats(outputs, y)
+                seen += n
+                total_loss += loss.item() * n
+                losses.append(loss.item())
+                correct += hits
             bar.update(1)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
             if cfg.eval_every and not task.validate_each_epoch and (step % cfg.eval_every == 0 or step == total):
                 validate(epoch, {"step": step, "epoch": epoch,
-                                 "loss": float(sum(losses[-cfg.eval_every:]) / len(losses[-cfg.eval_every:]))})
+                                 "loss": float(sum(losses[-cfg.eval_every:]) / max(len(losses[-cfg.eval_every:]), 1))})
         bar.close()
         seen, correct, total_loss = all_reduce_sum(seen), all_reduce_sum(correct), all_reduce_sum(total_loss)
         row = {"epoch": epoch, "step": step, "train_loss": total_loss / max(seen, 1),
@@ -224,8 +247,9 @@ def train(
                 "best_epoch": result.best_epoch, "best_step": result.best_step, "config": cfg.to_dict(),
                 "memory_format": layout, "threads": torch.get_num_threads(), "task": task.name,
                 **({"tag": dict(tag)} if tag is not None else {})})
-        if out is not None:
-            barrier()  # the other ranks wait for rank 0's checkpoint (and learn if writing it failed)
+        # the other ranks wait for rank 0's checkpoint (and learn if writing it failed); whatever their own
+        # out_dir (a scratch path, or None): only rank 0's decides what is written
+        barrier()
         if progress and main:
             key = f"val_{task.metric}"
             val = f" | val {task.metric} {row[key]:.4f}" if key in row else ""
@@ -237,8 +261,7 @@ def train(
     model.eval()
     if out is not None and main:
         save_weights(model, out / "best.safetensors")  # the kept weights: what --checkpoint takes
-    if out is not None:
-        barrier()
+    barrier()
     if not result.history and losses:
         result.history.append({"step": step, "loss": float(sum(losses[-25:]) / len(losses[-25:]))})
     result.steps = step

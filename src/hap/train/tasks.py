@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Problem
-from ..distributed import broadcast_object
+from ..distributed import GlobalBatchShard, broadcast_object
 from ..metrics import accuracy, classification_loss, logits_of
 from ..metrics import evaluate as evaluate_batches
 from .config import TrainConfig
@@ -87,6 +87,14 @@ class Task:
 
     # -- batches ----------------------------------------------------------------------------------
     def train_batches(self, data: Any, cfg: TrainConfig, epoch: int) -> Iterable[tuple[Any, torch.Tensor]]:
+        """One epoch's ``(inputs, targets)`` batches, the same on every rank of a process group.
+
+        Either whole global batches, which the loop cuts into this rank's share
+        (:func:`hap.distributed.shard_batch`: every rank loads everything), or, cheaper, only this rank's
+        rows of each: then the iterable has a ``shard`` attribute (:class:`hap.distributed.GlobalBatchShard`,
+        from :meth:`~hap.distributed.GlobalBatchShard.current`) and ``global_batch_rows(b)``, the size of
+        global batch ``b``, as hap's vision and text loaders do.
+        """
         raise NotImplementedError
 
     def eval_batches(self, data: Any, split: str) -> Iterable[tuple[Any, torch.Tensor]]:
@@ -247,9 +255,17 @@ class VisionTask(Task):
     def split_labels(self, data: Any, split: str) -> torch.Tensor:
         return data.split(split).labels
 
-    def _loader(self, data: Any, cfg: TrainConfig, epoch: int):
+    def _loader(self, data: Any, cfg: TrainConfig, epoch: int, shard: GlobalBatchShard | None = None):
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # order depends on (seed, epoch): resumable
-        return data.loader("train", cfg.batch_size, shuffle=True, augment=cfg.augment, generator=gen, drop_last=True)
+        kw: dict[str, Any] = dict(shuffle=True, augment=cfg.augment, generator=gen, drop_last=True)
+        if shard is None:
+            return data.loader("train", cfg.batch_size, **kw)
+        try:
+            return data.loader("train", cfg.batch_size, shard=shard, **kw)
+        except TypeError as e:  # a user's dataset whose loader takes no shard: it serves global batches,
+            if "shard" not in str(e):  # which the loop cuts (hap.distributed.shard_batch)
+                raise
+            return data.loader("train", cfg.batch_size, **kw)
 
     def steps_per_epoch(self, data: Any, cfg: TrainConfig) -> int:
         n = len(self._loader(data, cfg, 0))
@@ -275,7 +291,14 @@ class VisionTask(Task):
                                nesterov=cfg.momentum > 0)
 
     def train_batches(self, data: Any, cfg: TrainConfig, epoch: int):
-        return self._loader(data, cfg, epoch)
+        """One epoch's batches; under a process group only this rank's rows of each global batch.
+
+        The loader itself is given the rank's :class:`hap.distributed.GlobalBatchShard` (when ``data.loader``
+        takes ``shard=``, as :class:`hap.data.Dataset`'s does), so each rank indexes and augments ``1 / W``
+        of every global batch instead of all of it: loading scales with the ranks as the compute does.
+        """
+        shard = GlobalBatchShard.current()
+        return self._loader(data, cfg, epoch, None if shard.whole else shard)
 
     def eval_batches(self, data: Any, split: str):
         return data.loader(split, self.eval_batch_size)
@@ -378,7 +401,15 @@ class TextTask(Task):
         return torch.optim.AdamW(groups, lr=cfg.lr)
 
     def train_batches(self, data: Any, cfg: TrainConfig, epoch: int):
-        loader = self._loader(data, "train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+        """One pass's batches; under a process group only this rank's rows of each global batch.
+
+        The loader is given the rank's :class:`hap.distributed.GlobalBatchShard`, so each rank tokenizes
+        ``1 / W`` of every global batch (tokenizing is the loading cost of text, and on ``W`` GPUs a
+        replicated tokenizer would become the bottleneck), in the order one process would draw.
+        """
+        shard = GlobalBatchShard.current()
+        loader = self._loader(data, "train", cfg.batch_size, shuffle=True, seed=cfg.seed,
+                              **({} if shard.whole else {"shard": shard}))
         loader.passes = epoch  # the order of a pass depends on (seed, pass): resumable
         return loader
 
