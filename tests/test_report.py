@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -54,3 +55,28 @@ def test_regenerated_report_keeps_the_speed_section(tmp_path):
     (tmp_path / "bench.json").write_text("{not json")
     text = hap.report.write_run_report(tmp_path).read_text()
     assert "bench.json could not be read" in text and "rerun 'hap bench'" in text
+
+
+def _lm_metrics(run: str, ppl: float, sha: str = "ab12") -> dict:
+    m = {k: v for k, v in _metrics().items() if not k.startswith("test_acc")}
+    return m | {"dense_test_ppl": 10.0, "test_ppl_oneshot": ppl * 2, "val_ppl": ppl + 1, "test_ppl": ppl,
+                "test_size": 512, "test_labels_sha": sha, "val_size": 256}
+
+
+def test_comparison_of_causal_lm_runs_shows_perplexities_and_refuses_mixed_tasks(tmp_path):
+    runs = []
+    for name, ppl in (("a", 12.5), ("b", 17.25)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps(_lm_metrics(name, ppl)))
+        runs.append(d)
+    text = hap.report.write_comparison(runs, tmp_path / "cmp").read_text()
+    assert "test perplexity (lower is better)" in text and "top-1" not in text
+    assert "| 12.500 |" in text and "| 17.250 |" in text and "| 25.000 |" in text  # test and one-shot, unscaled
+    assert "512 test tokens" in text and (tmp_path / "cmp" / "accuracy_vs_params.png").is_file()
+    c = tmp_path / "classifier"
+    c.mkdir()
+    (c / "metrics.json").write_text(json.dumps(_metrics() | {"test_acc": 0.5, "val_acc": 0.5}))
+    with pytest.raises(ValueError, match="compare runs of the same task"):
+        hap.report.write_comparison([*runs, c], tmp_path / "cmp2")
+    assert hap.report.metric_of(_lm_metrics("a", 1.0)) == "ppl" and hap.report.metric_of(_metrics()) == "acc"

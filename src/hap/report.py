@@ -18,7 +18,20 @@ from matplotlib.figure import Figure
 from ._utils import atomic_write_text
 
 __all__ = ["plot_sensitivity", "plot_widths", "plot_accuracy_vs_params", "write_run_report", "write_comparison",
-           "write_heads_report", "run_label", "check_same_test_set"]
+           "write_heads_report", "write_lm_report", "run_label", "check_same_test_set", "metric_of"]
+
+
+def metric_of(m: dict[str, Any]) -> str:
+    """``"ppl"`` for a causal-LM run (its metrics are perplexities, ``*_ppl*``: lower is better), else ``"acc"``.
+
+    :func:`hap.pipeline.run` names every metric by the task's (``dense_test_ppl``, ``test_ppl_oneshot``, ...
+    where a classifier has ``*_acc*``), so the keys themselves say which a run holds.
+    """
+    return "ppl" if "dense_test_ppl" in m or "test_ppl" in m else "acc"
+
+
+def _ppl(x: Any) -> str:
+    return "-" if x is None else f"{float(x):.3f}"
 
 
 def _figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
@@ -73,7 +86,10 @@ def plot_widths(plan: dict[str, Any], path: Path) -> Path:
 
 
 def plot_accuracy_vs_params(rows: Sequence[dict[str, Any]], path: Path, key: str = "test_acc") -> Path:
-    """Accuracy against fraction of parameters removed, one line per method label (mean and std over seeds)."""
+    """Accuracy (``key`` a ``*_ppl`` metric: perplexity, as it is) against fraction of parameters removed, one
+    line per method label (mean and std over seeds)."""
+    ppl = key.endswith("_ppl")
+    scale = 1 if ppl else 100
     fig, ax = _figure((6.5, 4.5))
     by: dict[str, dict[float, list[tuple[float, float]]]] = {}
     for r in rows:
@@ -84,11 +100,11 @@ def plot_accuracy_vs_params(rows: Sequence[dict[str, Any]], path: Path, key: str
     for label, pts in sorted(by.items()):
         xs = sorted(pts)
         x = [np.mean([p[0] for p in pts[k]]) * 100 for k in xs]
-        y = [np.mean([p[1] for p in pts[k]]) * 100 for k in xs]
-        e = [np.std([p[1] for p in pts[k]]) * 100 for k in xs]
+        y = [np.mean([p[1] for p in pts[k]]) * scale for k in xs]
+        e = [np.std([p[1] for p in pts[k]]) * scale for k in xs]
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label)
     ax.set_xlabel("parameters removed (%)")
-    ax.set_ylabel(f"top-1 (%), {key}")
+    ax.set_ylabel(f"perplexity, {key} (lower is better)" if ppl else f"top-1 (%), {key}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -123,22 +139,26 @@ def run_label(cfg: dict[str, Any]) -> str:
     return f"{c['method']}/{c['allocation']}" + (f"+{c['implant']}" if c["implant"] else "")
 
 
-def _repair_rows(m: dict[str, Any], surgery_label: str, pct: Any) -> list[str]:
-    """Accuracy right after surgery, and after the repair when one ran (with its time and memory)."""
+def _repair_rows(m: dict[str, Any], surgery_label: str, pct: Any, key: str = "acc",
+                 repaired: str = "top-1 test") -> list[str]:
+    """The task's metric (``key``: ``acc`` or ``ppl``) right after surgery, and after the repair when one ran
+    (with its time and memory)."""
     if not m.get("repair"):
-        return [f"| {surgery_label} | | {pct(m['test_acc_oneshot'])} |"]
+        return [f"| {surgery_label} | | {pct(m[f'test_{key}_oneshot'])} |"]
     return [
-        f"| {surgery_label} | | {pct(m['test_acc_surgery'])} |",
-        f"| top-1 test after repair ({m['repair']}, {m.get('repair_examples')} calibration examples, "
-        f"{m['repair_s']:.1f} s, +{m.get('repair_peak_mb', 0):.0f} MB peak) | | {pct(m['test_acc_oneshot'])} |",
+        f"| {surgery_label} | | {pct(m[f'test_{key}_surgery'])} |",
+        f"| {repaired} after repair ({m['repair']}, {m.get('repair_examples')} calibration examples, "
+        f"{m['repair_s']:.1f} s, +{m.get('repair_peak_mb', 0):.0f} MB peak) | | {pct(m[f'test_{key}_oneshot'])} |",
     ]
 
 
 def _test_set(m: dict[str, Any]) -> str:
-    """"10000 test images (labels #ab12cd34ef56), 6000 val" or "test set not recorded" (older runs)."""
+    """"10000 test images (labels #ab12cd34ef56), 6000 val" ("tokens" of a causal LM: what its perplexity
+    averages over) or "test set not recorded" (older runs)."""
     if "test_size" not in m:
         return "test set not recorded (a run of an older hap)"
-    return f"{m['test_size']} test images (labels #{m['test_labels_sha']}), {m.get('val_size', '?')} validation"
+    what = "tokens" if metric_of(m) == "ppl" else "images"
+    return f"{m['test_size']} test {what} (labels #{m['test_labels_sha']}), {m.get('val_size', '?')} validation"
 
 
 def check_same_test_set(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -159,9 +179,11 @@ def check_same_test_set(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def write_run_report(run_dir: str | Path) -> Path:
-    """``report.md`` + plots for one ``hap prune`` run directory."""
+    """``report.md`` + plots for one ``hap prune`` run directory (a causal LM's: :func:`write_lm_report`)."""
     d = Path(run_dir)
     m = json.loads((d / "metrics.json").read_text())
+    if metric_of(m) == "ppl" and (d / "config.json").is_file():
+        return write_lm_report(d)
     lines = [f"# hap run: {d.name}", ""]
     lines += ["| | dense | pruned |", "|---|---:|---:|"]
     lines.append(f"| parameters | {m['params_base']:,} | {m['params']:,} ({_pct(m['params_removed'])}% removed) |")
@@ -210,14 +232,21 @@ def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Pat
         m["label"] = run_label(m.get("config", {}))
         m["run"] = Path(r).name
         rows.append(m)
+    kinds = {metric_of(m) for m in rows}
+    if len(kinds) > 1:
+        lm = ", ".join(m["run"] for m in rows if metric_of(m) == "ppl")
+        raise ValueError(f"runs {lm} are causal LMs measured by perplexity, the others classifiers measured by "
+                         "accuracy: compare runs of the same task")
+    k = kinds.pop() if kinds else "acc"
     unknown = check_same_test_set(rows)
     out = Path(out_dir)
-    plot_accuracy_vs_params(rows, out / "accuracy_vs_params.png")
-    lines = ["# hap comparison", "", "| run | method | params removed % | MACs removed % | top-1 one-shot % | "
-             "top-1 val % | top-1 test % | val / test n | speed-up |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    plot_accuracy_vs_params(rows, out / "accuracy_vs_params.png", key=f"test_{k}")
+    fmt, name = (_ppl, "perplexity (lower is better)") if k == "ppl" else (_pct, "top-1 %")
+    lines = ["# hap comparison", "", f"| run | method | params removed % | MACs removed % | one-shot {name} | "
+             f"val {name} | test {name} | val / test n | speed-up |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in rows:
         lines.append(f"| {m['run']} | {m['label']} | {_pct(m['params_removed'])} | {_pct(m['macs_removed'])} | "
-                     f"{_pct(m['test_acc_oneshot'])} | {_pct(m.get('val_acc'))} | {_pct(m['test_acc'])} | "
+                     f"{fmt(m[f'test_{k}_oneshot'])} | {fmt(m.get(f'val_{k}'))} | {fmt(m[f'test_{k}'])} | "
                      f"{m.get('val_size', '?')} / {m.get('test_size', '?')} | {m['speedup']:.2f}x |")
     same = next((_test_set(m) for m in rows if "test_size" in m), None)
     lines += ["", f"All runs scored on the same test set: {same}." if same else "", ""]
@@ -229,9 +258,12 @@ def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Pat
 
 
 def write_heads_report(directory: str | Path) -> Path:
-    """``report.md`` of a head-pruning run from its saved files (and ``heads.png``)."""
+    """``report.md`` of a head-pruning run from its saved files (and ``heads.png``; a causal LM's:
+    :func:`write_lm_report`)."""
     d = Path(directory)
     m = json.loads((d / "metrics.json").read_text())
+    if metric_of(m) == "ppl":
+        return write_lm_report(d)
     cfg = json.loads((d / "config.json").read_text())
     plan = json.loads((d / "plan.json").read_text())
     sens = json.loads((d / "sensitivity.json").read_text())
@@ -267,6 +299,70 @@ def write_heads_report(directory: str | Path) -> Path:
         + ".",
         "",
         "![heads per layer](heads.png)",
+        "",
+        f"Rerun: `{cfg.get('rerun', '')}`",
+        "",
+    ]
+    plot_widths(plan, d / "heads.png")
+    lines += _speed_section(d)
+    return atomic_write_text(d / "report.md", "\n".join(lines))
+
+
+def write_lm_report(directory: str | Path) -> Path:
+    """``report.md`` of a causal-LM run (``hap prune`` on a decoder LLM) from its saved files, and ``heads.png``.
+
+    Perplexities where a classifier's report has accuracies (lower is better), the attention units (whole
+    KV groups under grouped-query attention) and feed-forward neurons kept, and whether the run holds
+    ``hf/`` (a plain ``transformers`` directory; written only when every layer kept the same widths).
+    """
+    d = Path(directory)
+    m = json.loads((d / "metrics.json").read_text())
+    cfg = json.loads((d / "config.json").read_text())
+    plan = json.loads((d / "plan.json").read_text())
+    sens = json.loads((d / "sensitivity.json").read_text())
+    c = _settings(m["config"])
+    target = ", ".join(f"{k}={v:g}" for k, v in (c["target"] or {}).items())
+    info = cfg.get("data_info", {})
+    rows = [
+        f"| attention units (heads; whole KV groups under GQA) | {m['heads_base']} | {m['heads']} "
+        f"({100 * m['heads_removed']:.1f}% removed) |" if "heads_base" in m else None,
+        f"| feed-forward neurons | {m['neurons_base']} | {m['neurons']} ({100 * m['neurons_removed']:.1f}% removed) |"
+        if "neurons_base" in m else None,
+        f"| parameters | {m['params_base']:,} | {m['params']:,} ({100 * m['params_removed']:.1f}% removed) |",
+        f"| MACs per sequence ({m.get('macs_seq_len')} tokens) | {m['macs_base']:,} | {m['macs']:,} "
+        f"({100 * m['macs_removed']:.1f}% removed) |",
+        f"| test perplexity (dense) | {_ppl(m['dense_test_ppl'])} | |",
+        *_repair_rows(m, "test perplexity, right after pruning", _ppl, key="ppl", repaired="test perplexity"),
+        f"| test perplexity, after {m['finetune_steps']} fine-tune steps | | {_ppl(m['test_ppl'])} |",
+        f"| CPU latency, 1 thread, batch {'x'.join(map(str, m['latency_batch']))} tokens | "
+        f"{m['latency_ms_base']:.1f} ms | {m['latency_ms']:.1f} ms ({m['speedup']:.2f}x) |",
+    ]
+    if m.get("hf_dir"):
+        hf = (f"`{m['hf_dir']}/`: the pruned model as a plain Hugging Face directory "
+              f"(`AutoModelForCausalLM.from_pretrained('{m['hf_dir']}')`, no hap needed), its tokenizer beside it.")
+    else:
+        hf = f"No `hf/` directory: {m.get('hf_skipped') or 'not written by this run'}."
+    lines = [
+        f"# Causal LM pruning: {cfg['model']} on {cfg['data']}",
+        "",
+        f"Method **{c['method']}**, target {target}, {c['allocation']} allocation; next-token loss, perplexity "
+        f"(lower is better); {info.get('seq_len', cfg.get('max_length_used'))}-token sequences per split: "
+        + ", ".join(f"{k} {v}" for k, v in info.get("sizes", {}).items()) + f"; {_test_set(m)}.",
+        "",
+        "| | dense | pruned |",
+        "|---|---:|---:|",
+        *[r for r in rows if r is not None],
+        "",
+        hf,
+        "",
+        "Kept per layer: " + ", ".join(f"{g['name']}: {len(g['kept'])}/{g['size']}" for g in plan["groups"]) + ".",
+        "",
+        f"Sensitivity: {sens['method']}, {sens.get('samples', 0)} samples over {sens.get('batches', 0)} batch(es) "
+        f"of the score split, {sens['wall_time_s']:.1f} s"
+        + (f", split-half rank stability {sens['split_half']:.3f}" if sens.get("split_half") is not None else "")
+        + ".",
+        "",
+        "![units kept per layer](heads.png)",
         "",
         f"Rerun: `{cfg.get('rerun', '')}`",
         "",

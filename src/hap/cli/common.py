@@ -73,7 +73,7 @@ def _known(out: Path, p: Path) -> bool:
         return True
     rel = p.relative_to(out).as_posix()
     if p.is_dir():
-        if rel in ("checkpoints", "finetune/checkpoints", "base"):
+        if rel in ("checkpoints", "finetune/checkpoints", "base", "hf"):
             return True
         return rel == "finetune" and all(_known(out, q) for q in p.iterdir())
     return rel in RUN_FILES

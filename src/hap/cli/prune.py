@@ -6,7 +6,9 @@
     OUT/plan.json          units kept/implanted/removed per group, params and MACs before/after
     OUT/model.safetensors  the pruned (and fine-tuned) weights (``hap.load``; heads: ``hap.text.load_run``)
     OUT/base/              heads: the unpruned architecture's Hugging Face config and the tokenizer
-    OUT/metrics.json       accuracies, params/MACs (heads), CPU latency
+    OUT/hf/                a causal LM whose plan left the same widths in every layer (--allocation even): the
+                           pruned model as a plain transformers directory (AutoModelForCausalLM.from_pretrained)
+    OUT/metrics.json       accuracies (a causal LM: perplexities, lower is better), params/MACs (heads), CPU latency
     OUT/report.md          the same as a table, with plots
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from ..config import ALLOCATIONS, FISHER_BACKENDS, IMPLANT_KINDS, RANKINGS, SIGN
 from ..pipeline import RunConfig
 from ..train import MEMORY_FORMATS, TrainConfig
 from .common import THREADS_HELP, UserError, check_run_dir, commit_run, config_option, print_table, set_path, write_json
-from .sources import TARGETS, TEXT_UNITS, DataOptions, load_source, run_defaults, save_text_base
+from .sources import CAUSAL_LM, TARGETS, TASKS, TEXT_UNITS, DataOptions, load_source, run_defaults, save_text_base
 
 __all__ = ["add_prune_parser", "add_heads_parser", "cmd_prune", "cmd_heads", "load_run_config", "RECORD_KEYS"]
 
@@ -62,6 +65,10 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict[str, Any]]] = [
      "this CPU's measured layer latency steps down)", {"type": _round_to}),
     (("--sign",), "plan.sign", "how negative estimates rank", {"choices": list(SIGNS)}),
     (("--tol",), "plan.tol", "largest accepted |achieved - target| (coarse units on a small model need more)", {}),
+    (("--latency-iters",), "plan.latency_iters", "latency target: planned models timed against the dense one, "
+     "re-planning until the measured latency meets the target (0: trust the latency table's prediction)", {}),
+    (("--latency-tol",), "plan.latency_tol", "latency target: accepted relative distance of the measured kept "
+     "latency from the asked one", {}),
     (("--rank-by",), "plan.rank_by", "layer_normalized: L2-normalise each layer's scores before ranking",
      {"choices": list(RANKINGS)}),
     (("--bn-batches",), "bn_batches", "vision: batches re-estimating BatchNorm statistics after surgery", {}),
@@ -93,6 +100,9 @@ DATA_OPTIONS: list[tuple[tuple[str, ...], str, str, dict[str, Any]]] = [
     (("--val-size",), "val_size", "", {}),
     (("--score-size",), "score_size", "text: at most this many texts to score heads on", {}),
     (("--test-size",), "test_size", "", {}),
+    (("--task",), "task", "text: what a Hugging Face model directory is pruned as (auto: read from its config.json; "
+     "causal-lm: a decoder LLM on its next-token loss, measured by perplexity, the texts packed into "
+     "--max-length-token sequences, labels ignored)", {"choices": list(TASKS)}),
 ]
 
 PRUNE_EXAMPLE = """example:
@@ -101,6 +111,8 @@ PRUNE_EXAMPLE = """example:
   hap prune ... --method l1 --allocation uniform --target flops=0.5 --out runs/l1-f50
   hap prune --units heads --model minilm --data tweets --target heads=0.5 --out runs/heads-50
   hap prune --units heads,neurons --model minilm --data tweets --target flops=0.4 --out runs/width-f40
+  hap prune --units heads,neurons --model path/to/llama_dir --data tweets --target params=0.2 \\
+      --allocation even --out runs/llm-20     # a causal LM (detected, or --task causal-lm): perplexity; hf/
   hap prune --config runs/hap-p50/config.json --out runs/hap-p50-again"""
 HEADS_EXAMPLE = """example:
   hap heads --model minilm --data tweets --target heads=0.6 --out runs/heads-hap-60
@@ -151,17 +163,17 @@ class _DataHolder:
 def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="sensitivity -> plan (+implant) -> surgery -> fine-tune -> report, one run dir "
                        "(--units channels: a zoo CNN; --units heads or heads,neurons: a local Hugging Face "
-                       "encoder)",
+                       "encoder or causal LM)",
                        epilog=PRUNE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--units", default=None, choices=list(TARGETS),
                    help="what is pruned (heads,neurons: attention heads and feed-forward neurons ranked "
                    "together; default: heads for 'minilm' or a model directory, else channels)")
     p.add_argument("--config", default=None, help="a run's config.json: rerun it (options given here override it)")
     p.add_argument("--model", default=None, help="zoo name (`hap models`; default resnet20), 'minilm' or a local "
-                   "Hugging Face model directory")
+                   "Hugging Face model directory (a classifier or encoder, or a causal LM: see --task)")
     p.add_argument("--checkpoint", default=None, help="safetensors weights of a zoo --model")
     p.add_argument("--data", default=None, help="fashion-mnist (default), cifar10 or an image folder; heads: "
-                   "'tweets' (default) or a CSV")
+                   "'tweets' (default) or a CSV; a causal LM also a .txt file (one text per line)")
     p.add_argument("--out", required=True, help="run directory")
     _add_run_options(p, list(TARGETS))
 
@@ -253,15 +265,29 @@ def parse_target_for(text: str, units: str) -> dict[str, float]:
 
 
 def rerun_command(cfg: RunConfig, out: Path) -> str:
-    """The ``hap heads`` (or ``hap prune --units heads,neurons``) command line that repeats a text run
-    (every option spelled out)."""
+    """The ``hap heads`` (or ``hap prune --units heads,neurons``) command line that repeats a text run.
+
+    The data, target, criterion, planning and training options are always spelled out (the command
+    holds even if a default changes later); every other option of ``hap prune`` (``--device``,
+    ``--fisher-backend``, ``--repair``, ...) is added when the run's value differs from the unit
+    family's default, so nothing that shaped the run is left out. A causal LM's command says
+    ``--task causal-lm`` and none of the classifier's label options.
+    """
+    from .common import get_path
+
     opts = DataOptions.from_dict(cfg.data_options)
+    lm = opts.task == CAUSAL_LM
     cmd = ["hap", "heads"] if cfg.units == "heads" else ["hap", "prune", "--units", cfg.units]
-    parts = [*cmd, "--model", str(cfg.model), "--data", str(cfg.data), "--classes", ",".join(opts.classes)]
-    for flag, value in (("--text-column", opts.text_column), ("--label-column", opts.label_column)):
+    parts = [*cmd, "--model", str(cfg.model), "--data", str(cfg.data)]
+    if lm:
+        parts += ["--task", CAUSAL_LM]
+    elif opts.classes:
+        parts += ["--classes", ",".join(opts.classes)]
+    for flag, value in (("--text-column", opts.text_column), ("--label-column", None if lm else opts.label_column)):
         if value:
             parts += [flag, value]
-    parts += ["--balance" if opts.balance else "--no-balance"]
+    if not lm:
+        parts += ["--balance" if opts.balance else "--no-balance"]
     parts += ["--train-size", str(opts.train_size), "--val-size", str(opts.val_size), "--score-size",
               str(opts.score_size), "--test-size", str(opts.test_size)]
     target = ",".join(f"{k}={v:g}" for k, v in cfg.target.items())
@@ -271,21 +297,35 @@ def rerun_command(cfg: RunConfig, out: Path) -> str:
     if s.max_samples is not None:
         parts += ["--max-samples", str(s.max_samples)]
     parts += ["--max-length", str(cfg.max_length)]
-    if opts.new_head:
+    if opts.new_head and not lm:
         parts.append("--new-head")
     budget = ["--finetune-steps", str(ft.steps)] if ft.steps is not None else ["--finetune-epochs", f"{ft.epochs:g}"]
     parts += ["--train-epochs", f"{dense.epochs or 0:g}", "--train-lr", f"{dense.lr:g}", *budget,
               "--finetune-lr", f"{ft.lr:g}",
               "--batch-size", str(dense.batch_size), "--finetune-batch-size", str(ft.batch_size),
-              "--seed", str(cfg.seed), "--out", str(out)]
+              "--seed", str(cfg.seed)]
+    if cfg.plan.implant:
+        parts += ["--implant", cfg.plan.implant]
+    default = run_defaults(cfg.units)
+    spelled = set(parts)
+    for flags, path, _, _ in RUN_OPTIONS:  # the rest: where the run is not the family's default
+        value = get_path(cfg, path)
+        if flags[0] in spelled or value is None or value == get_path(default, path):
+            continue
+        if isinstance(value, bool):
+            parts.append(flags[0] if value else "--no-" + flags[0][2:])
+        else:
+            parts += [flags[0], str(value)]  # a float's repr: exactly the run's value
+    parts += ["--out", str(out)]
     return shlex.join(parts)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Execute ``hap prune`` / ``hap heads`` (see the module docstring); returns the exit code."""
+    from ..distributed import broadcast_object
     from ..io import save
     from ..pipeline import run
-    from ..report import write_heads_report, write_run_report
+    from ..report import write_heads_report, write_lm_report, write_run_report
     from ..sensitivity import Sensitivity
 
     cfg = resolve(args)
@@ -295,12 +335,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     loaded = load_source(cfg, progress)
     cfg = loaded.cfg
+    lm = loaded.task.name == CAUSAL_LM  # a decoder LLM: perplexity, and hf/ when the widths are uniform
     record: dict[str, Any] = {"command": args.command, **loaded.record}
     if heads:
         record["rerun"] = rerun_command(cfg, out)
     sens = None
     if args.resume and (out / "sensitivity.json").is_file():
         sens = Sensitivity.load(out / "sensitivity.json")
+    # under torchrun rank 0 alone resumes (its --out is the run directory, the others' a scratch one): every
+    # rank takes its scores, so that all skip (or all compute) the scoring and its collectives together
+    sens = broadcast_object(sens)
     small, plan, sens, metrics = run(loaded.model, loaded.task, loaded.data, cfg, sens=sens,
                                      dense_test_acc=loaded.dense_test_acc, out_dir=None if heads else out / "finetune",
                                      resume=args.resume, progress=progress, threads=args.threads)
@@ -311,16 +355,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
                        neurons_removed=plan.neurons_removed, neurons_per_layer={g.name: len(g.kept) for g in neurons})
     metrics.update(loaded.task.split_record(loaded.data))
     sens.settings.update(model=cfg.model, data=cfg.data)
-    with commit_run(out, OUTPUTS_HEADS if heads else OUTPUTS):  # config.json too: written only with the results
+    outputs = list(OUTPUTS_HEADS if heads else OUTPUTS)
+    with commit_run(out, outputs):  # config.json too: written only with the results
         write_json(out / "config.json", {**cfg.to_dict(), **record})
         sens.save(out / "sensitivity.json")
         save(small, plan, out)
         if heads:
             save_text_base(out, loaded)
+        if lm:
+            metrics.update(_write_hf(out, small, plan, loaded.tokenizer, outputs))
         write_json(out / "metrics.json", metrics)
-        (write_heads_report if heads else write_run_report)(out)
+        (write_lm_report if lm else write_heads_report if heads else write_run_report)(out)
     m = metrics
-    if heads:
+    if lm:
+        print(f"heads {m['heads_base']} -> {m['heads']} ({100 * m['heads_removed']:.1f}% removed)"
+              + (f", feed-forward neurons {m['neurons_base']} -> {m['neurons']}" if "neurons" in m else "")
+              + f", params -{100 * m['params_removed']:.1f}%; test perplexity (lower is better) dense "
+              f"{m['dense_test_ppl']:.3f}, after pruning {m['test_ppl_oneshot']:.3f}, after {m['finetune_steps']} "
+              f"fine-tune steps {m['test_ppl']:.3f}; CPU speed-up {m['speedup']:.2f}x")
+        if m.get("hf_skipped"):
+            print(f"note: hf/ not written: {m['hf_skipped']}", file=sys.stderr)
+    elif heads:
         print(f"heads {m['heads_base']} -> {m['heads']} ({100 * m['heads_removed']:.1f}% removed), "
               f"params -{100 * m['params_removed']:.1f}%; test accuracy dense {m['dense_test_acc']:.4f}, after "
               f"pruning {m['test_acc_oneshot']:.4f}, after {m['finetune_steps']} fine-tune steps "
@@ -341,8 +396,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
              "pruned": f"{m['latency_ms']:.1f} ({m['speedup']:.2f}x)"},
             {"": "val / test images", "dense": "", "pruned": f"{m['val_size']:,} / {m['test_size']:,}"},
         ], ["", "dense", "pruned"])
-    print(f"written: {out}/{{config.json,sensitivity.json,plan.json,model.safetensors,metrics.json,report.md}}")
+    print(f"written: {out}/{{config.json,sensitivity.json,plan.json,model.safetensors,metrics.json,report.md"
+          + (",hf/" if lm and m.get("hf_dir") else "") + "}")
     return 0
+
+
+def _write_hf(out: Path, small: Any, plan: Any, tokenizer: Any, outputs: list[str]) -> dict[str, Any]:
+    """``OUT/hf``: the pruned causal LM as a directory plain ``transformers`` loads (:func:`hap.save_pretrained`),
+    when its plan left the same widths in every layer; otherwise the reason it was skipped, for the metrics.
+
+    The files written are appended to ``outputs`` (the list :func:`commit_run` hashes into the manifest
+    after its block), so the manifest covers them too. An earlier run's ``hf/`` is removed when this one
+    writes none: it must not pass for this run's model.
+    """
+    import shutil
+
+    from .._utils import first_line
+    from ..hf_export import save_pretrained
+
+    hf = out / "hf"
+    try:
+        save_pretrained(small, plan, hf, tokenizer=tokenizer)
+    except ValueError as e:  # widths that differ per layer, or sizes the architecture's config cannot carry
+        shutil.rmtree(hf, ignore_errors=True)
+        return {"hf_dir": None, "hf_skipped": first_line(e)}
+    outputs += sorted(f.relative_to(out).as_posix() for f in hf.rglob("*") if f.is_file())
+    return {"hf_dir": "hf"}
 
 
 cmd_heads = cmd_prune

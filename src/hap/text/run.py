@@ -18,15 +18,19 @@ def load_run(directory: str | os.PathLike[str]) -> tuple[torch.nn.Module, Any, l
     saved ones replace them all), the plan is replayed on it and the saved weights loaded.
 
     Returns:
-        ``(model in eval mode, tokenizer, label names)``.
+        ``(model in eval mode, tokenizer, label names)``; a causal-LM run (``base/config.json`` names a
+        ``...ForCausalLM``) gives its ``AutoModelForCausalLM`` and no label names.
 
     Raises:
         FileNotFoundError: Not a run directory.
         ValueError: Corrupted files (see :func:`hap.load`).
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from ..io import load
+    from .lm_data import is_causal_lm_config
     from .models import _quiet_transformers, load_tokenizer
 
     d = Path(directory)
@@ -34,8 +38,9 @@ def load_run(directory: str | os.PathLike[str]) -> tuple[torch.nn.Module, Any, l
     if not (base / "config.json").is_file() or not (d / "plan.json").is_file():
         raise FileNotFoundError(f"'{d}' is not a head-pruning run directory (no plan.json and base/config.json)")
     cfg = AutoConfig.from_pretrained(str(base), local_files_only=True)
+    lm = is_causal_lm_config(json.loads((base / "config.json").read_text()))
     with _quiet_transformers():
-        skeleton = AutoModelForSequenceClassification.from_config(cfg)
+        skeleton = (AutoModelForCausalLM if lm else AutoModelForSequenceClassification).from_config(cfg)
     model = load(d, skeleton.eval()).eval()
-    names = [str(cfg.id2label[i]) for i in range(cfg.num_labels)]
+    names = [] if lm else [str(cfg.id2label[i]) for i in range(cfg.num_labels)]
     return model, load_tokenizer(base), names

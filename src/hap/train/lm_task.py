@@ -32,11 +32,21 @@ LM_INPUTS = ("input_ids", "attention_mask")
 
 
 class LMLoader(TextLoader):
-    """:class:`hap.text.TextLoader` over texts alone: ``(inputs, lm_labels(inputs))`` batches, padded per batch."""
+    """:class:`hap.text.TextLoader` over texts alone: ``(inputs, lm_labels(inputs))`` batches, padded per batch.
+
+    The "texts" may also be sequences of token ids already (:class:`hap.text.lm_data.PackedText`'s
+    fixed-length rows): those are stacked as they are (cut at ``max_length``), their mask all ones.
+    """
 
     def __init__(self, texts: Any, tokenizer: Any, batch_size: int = 32, **kw: Any) -> None:
         super().__init__(texts, np.zeros(len(texts), dtype=np.int64), tokenizer, batch_size, **kw)
         self.input_names = LM_INPUTS
+
+    def encode(self, texts: Any) -> dict[str, torch.Tensor]:
+        if len(texts) and not isinstance(texts[0], str):  # token rows: tokenized (and packed) already
+            ids = torch.stack([torch.as_tensor(t, dtype=torch.long)[: self.max_length] for t in texts])
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return super().encode(texts)
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:  # type: ignore[override]
         for inputs, _ in super().__iter__():
@@ -119,6 +129,10 @@ class CausalLMTask(TextTask):
 
     def latency_inputs(self, data: Any, n: int) -> dict[str, torch.Tensor]:
         """``n`` test texts padded to ``max_length`` tokens, mask all ones: every position is computed."""
+        texts, _ = data.split("test")
+        if len(texts) and not isinstance(texts[0], str):  # token rows (packed): ``n`` of them, repeated if need be
+            rows = [texts[i % len(texts)] for i in range(n)]
+            return LMLoader(rows, self.tokenizer, n, max_length=self.max_length).encode(rows)
         x = super().latency_inputs(data, n)
         x = {k: v for k, v in x.items() if k in LM_INPUTS}
         x["attention_mask"] = torch.ones_like(x["input_ids"])

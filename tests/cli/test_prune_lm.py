@@ -1,0 +1,169 @@
+"""``hap prune`` on a local causal-LM directory: a tiny random Llama (GQA 4/2) with a word-level tokenizer
+that has no pad token, pruned end to end; perplexities in the metrics and the report, ``hf/`` loading with
+plain transformers to the logits of ``hap.load``, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+import hap  # noqa: E402
+from hap.cli import main  # noqa: E402
+from hap.cli.prune import rerun_command  # noqa: E402
+from hap.cli.sources import detect_task  # noqa: E402
+from hap.pipeline import RunConfig  # noqa: E402
+from hap.text import load_run  # noqa: E402
+from hap.text.lm_data import load_lm_texts, pack_texts  # noqa: E402
+from hap.train import CausalLMTask  # noqa: E402
+
+from .._tiny_llm import VOCAB, make_decoder  # noqa: E402
+from ..text.conftest import WORDS, write_csv  # noqa: E402
+
+EOS = "<|endoftext|>"
+FAST = ["--finetune-steps", "2", "--max-samples", "4", "--sens-batches", "2", "--sens-batch-size", "2",
+        "--max-length", "16", "--no-progress", "--threads", "1"]
+
+
+def make_lm_tokenizer():
+    """A word-level fast tokenizer over the test words, EOS but no pad token (as Llama's and GPT-2's)."""
+    vocab = {w: i for i, w in enumerate(["<unk>", EOS, *WORDS])}
+    assert len(vocab) <= VOCAB
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = tokenizers.normalizers.Lowercase()
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=EOS)
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    d = tmp_path / "llama"
+    make_decoder("llama").save_pretrained(d)
+    make_lm_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def texts(tmp_path):
+    return write_csv(tmp_path / "texts.csv", n=90)
+
+
+def _prune(llama_dir, texts, out, *extra):
+    return main(["prune", "--units", "heads,neurons", "--model", str(llama_dir), "--data", str(texts),
+                 "--target", "params=0.4", "--tol", "0.15", "--allocation", "even", "--out", str(out), *FAST,
+                 *extra])
+
+
+def test_a_causal_lm_prunes_end_to_end_with_perplexities_and_a_plain_hf_directory(llama_dir, texts, tmp_path):
+    out = tmp_path / "run"
+    assert _prune(llama_dir, texts, out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    for k in ("dense_test_ppl", "dense_val_ppl", "test_ppl_oneshot", "val_ppl_oneshot", "test_ppl", "val_ppl"):
+        assert math.isfinite(m[k]) and m[k] > 1.0, k
+    assert not any(k.endswith("_acc") or "_acc_" in k for k in m)  # a perplexity is never reported as accuracy
+    assert m["finetune_steps"] == 2 and m["heads"] < m["heads_base"] and m["neurons"] < m["neurons_base"]
+    assert cfg["data_options"]["task"] == "causal-lm" and cfg["max_length_used"] == 16
+    assert m["hf_dir"] == "hf" and "hf_skipped" not in m
+
+    # the reported perplexity is the saved model's, on the packed test split rebuilt from the inputs
+    skeleton = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(out / "base"))
+    model = hap.load(out, skeleton).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out / "base")
+    reloaded, _, names = load_run(out)  # hap.text.load_run knows a causal-LM run from its base/config.json
+    assert isinstance(reloaded, transformers.LlamaForCausalLM) and names == []
+    assert tok.pad_token == EOS  # set from EOS: the task needs one, and the saved tokenizer keeps it
+    data = pack_texts(load_lm_texts(str(texts), sizes={"train": 4000, "val": 500, "score": 512, "test": 1000}),
+                      tok, 16)
+    assert CausalLMTask(tok, max_length=16).metric_value(model, data, "test") == pytest.approx(m["test_ppl"],
+                                                                                              rel=1e-9)
+    # hf/ loads with plain transformers to the same logits as hap.load of the run
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    ids = data.rows["test"][:2]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torch.testing.assert_close(hf(input_ids=ids).logits, want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, want, rtol=0, atol=0)
+    assert transformers.AutoTokenizer.from_pretrained(out / "hf")(WORDS[0])["input_ids"] == tok(WORDS[0])["input_ids"]
+    manifest = json.loads((out / "manifest.json").read_text())["files"]
+    assert "hf/model.safetensors" in manifest and "hf/config.json" in manifest
+
+    report = (out / "report.md").read_text()
+    assert "test perplexity (dense)" in report and f"{m['test_ppl']:.3f}" in report and "accuracy" not in report
+    assert "`hf/`" in report and (out / "heads.png").is_file()
+    assert main(["report", str(out)]) == 0  # hap report regenerates the same perplexity report
+    assert (out / "report.md").read_text() == report
+
+    rerun = shlex.split(cfg["rerun"])
+    assert rerun[:4] == ["hap", "prune", "--units", "heads,neurons"] and "--classes" not in rerun
+    for flag, value in (("--task", "causal-lm"), ("--allocation", "even"), ("--tol", "0.15"),
+                        ("--sens-batches", "2"), ("--sens-batch-size", "2")):
+        assert rerun[rerun.index(flag) + 1] == value, flag
+    again = tmp_path / "again"  # the rerun command repeats the run: the same plan and perplexities
+    assert main([*rerun[1:rerun.index("--out")], "--out", str(again), "--no-progress", "--threads", "1"]) == 0
+    m2 = json.loads((again / "metrics.json").read_text())
+    plans = [json.loads((d / "plan.json").read_text())["groups"] for d in (out, again)]
+    assert plans[0] == plans[1]
+    for k in ("dense_test_ppl", "test_ppl_oneshot", "test_ppl", "test_labels_sha"):
+        assert m2[k] == m[k], k
+
+
+def test_per_layer_widths_skip_hf_with_the_reason(llama_dir, texts, tmp_path):
+    out = tmp_path / "run"
+    (out / "hf").mkdir(parents=True)  # a failed earlier run's hf/ is a leftover, and must not survive
+    (out / "hf" / "config.json").write_text("{}")
+    assert _prune(llama_dir, texts, out, "--allocation", "global", "--rank-by", "score_per_param") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    heads = [g for g in json.loads((out / "plan.json").read_text())["groups"] if g["kind"] == "head"]
+    assert len({len(g["kept"]) for g in heads}) > 1  # the global ranking kept different head counts per layer
+    assert m["hf_dir"] is None and "differ per layer" in m["hf_skipped"] and not (out / "hf").exists()
+    assert m["hf_skipped"] in (out / "report.md").read_text()
+
+
+def test_the_task_is_read_from_the_directory_and_can_be_overridden(llama_dir, tmp_path):
+    assert detect_task(str(llama_dir)) == "causal-lm"
+    cfg_path = llama_dir / "config.json"
+    c = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**c, "architectures": ["LlamaForSequenceClassification"]}))
+    assert detect_task(str(llama_dir)) == "classification"
+    cfg_path.write_text(json.dumps({k: v for k, v in c.items() if k != "architectures"}))
+    assert detect_task(str(llama_dir)) == "causal-lm"  # no architecture named: a decoder model_type
+    assert detect_task("minilm") == "classification" and detect_task(str(tmp_path / "nothing")) == "classification"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--units", "channels"], "is a causal LM, whose units are attention heads"),
+    (["--units", "heads,neurons", "--task", "causal-lm", "--model", "meta-llama/Llama-3.2-1B"],
+     "not a local model directory and hap downloads nothing"),
+    (["--units", "heads,neurons", "--model", "meta-llama/Llama-3.2-1B"], "hap downloads nothing"),  # task: auto
+])
+def test_errors_are_one_line_exit_2(llama_dir, texts, tmp_path, capsys, args, needle):
+    argv = ["prune", "--model", str(llama_dir), "--data", str(texts), "--out", str(tmp_path / "r"), *FAST, *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and err.startswith("hap prune: error:")
+
+
+def test_too_little_text_for_one_sequence_is_refused(llama_dir, tmp_path, capsys):
+    small = write_csv(tmp_path / "few.csv", n=20)  # 2 test texts: fewer tokens than one 16-token sequence
+    assert main(["prune", "--units", "heads", "--model", str(llama_dir), "--data", str(small),
+                 "--target", "heads=0.5", "--out", str(tmp_path / "r"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fewer than one sequence of 16" in err and len(err.splitlines()) == 1
+
+
+def test_rerun_spells_non_default_device_and_fisher_backend():
+    cfg = RunConfig.for_units("heads,neurons", device="cpu", data="tweets", model="m",
+                              data_options={"task": "causal-lm"})
+    cfg = cfg.replace(sensitivity=cfg.sensitivity.replace(fisher_backend="vmap"))
+    parts = shlex.split(rerun_command(cfg, tmp := __import__("pathlib").Path("o")))
+    assert parts[parts.index("--device") + 1] == "cpu" and parts[parts.index("--fisher-backend") + 1] == "vmap"
+    assert parts[parts.index("--task") + 1] == "causal-lm" and parts[-2:] == ["--out", str(tmp)]
+    default = shlex.split(rerun_command(RunConfig.for_units("heads,neurons", model="m", data="tweets"), tmp))
+    assert "--device" not in default and "--fisher-backend" not in default and "--task" not in default
