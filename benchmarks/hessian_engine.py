@@ -12,13 +12,17 @@ fixed wall-time budget, so variants are compared per second of compute, not per 
 of each variant is the peak RSS of a fresh subprocess running only that variant.
 
 Run: ``python benchmarks/hessian_engine.py`` (trains/caches the dense model first if needed; use
-``--epochs`` to pick which cached model, ``--budget`` for the seconds per variant).
+``--epochs`` to pick which cached model, ``--budget`` for the seconds per variant). ``--cost-only`` measures
+just the cost table ((c) gradient, (a) Hutchinson sample, Fisher per example, timed in alternation in one
+process, wall and CPU time) in a minute or two and writes it to ``--out`` (default
+``benchmarks/out/hessian_engine_cost.json``), leaving docs/engine.md alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -35,9 +39,10 @@ import hap  # noqa: E402
 import hap.data  # noqa: E402
 import hap.models  # noqa: E402
 from _common import OUT, dense_resnet, machine  # noqa: E402
+from hap.estimate.fisher import FisherSampler  # noqa: E402
 from hap.estimate.hutchinson import _HVP, _rademacher, estimate_traces  # noqa: E402
 from hap.estimate.reduce import UnitReducer  # noqa: E402
-from hap.estimate.stats import spearman  # noqa: E402
+from hap.estimate.stats import SampleStats, spearman  # noqa: E402
 from hap.train import load_weights  # noqa: E402
 
 VARIANTS = {
@@ -150,6 +155,93 @@ def cost_per_sample(model, batches, units, repeats: int, per_batch: int, layer_s
             "layers": len(layers), "units": len(units), "params_in_units": sum(p.numel() for p in params.values())}
 
 
+def cost_table(model, batches, units, repeats: int, per_batch: int = 8) -> dict:
+    """Cost of (c) one gradient, (a) one Hutchinson sample and the Fisher per example, timed in alternation.
+
+    Each repeat runs the three once, one after the other, so that a load that comes and goes (other jobs
+    on the machine) falls on all of them alike; the ratios are the medians of the per-repeat ratios. Wall
+    time and this process's CPU time are both recorded: with one torch thread the CPU time is the
+    compute itself, which other processes inflate less than the wall clock (they still share caches and
+    memory bandwidth). (a) is one visit of a batch as the engine runs it (the first-order graph, then
+    ``per_batch`` probe vectors: draw, product, reduction into units, recording), divided by
+    ``per_batch``; the Fisher is the engine's sampler (sampled labels, per-example rows of every unit)
+    on the same batch of ``B`` examples, divided by ``B``, and compared with the gradient per example
+    (the batch gradient divided by ``B``).
+    """
+    named = dict(model.named_parameters())
+    names = sorted({s.param for u in units for s in u.slices})
+    params = {n: named[n] for n in names}
+    shapes = {n: p.shape for n, p in params.items()}
+    reducer = UnitReducer(units, shapes)
+    x, y = batches[0]
+    gen = torch.Generator().manual_seed(0)
+    stats = SampleStats(len(units))
+    sampler = FisherSampler(model, F.cross_entropy, params, reducer)
+    model.eval()
+
+    def grad_only():
+        loss = F.cross_entropy(model(x), y)
+        torch.autograd.grad(loss, list(params.values()))
+
+    def sample():
+        hvp = _HVP(model, F.cross_entropy, params, (x, y), 0, "double_backward")
+        for _ in range(per_batch):
+            v = {n: _rademacher(s, gen, torch.float32) for n, s in shapes.items()}
+            hv = hvp(v, batched=False)
+            stats.add(reducer({n: v[n] * hv[n] for n in names}).numpy())
+
+    def fisher():
+        for row in sampler((x, y), 0, gen, len(y)):
+            stats.add(row)
+
+    jobs = {"grad": (grad_only, 1), "sample": (sample, per_batch), "fisher": (fisher, len(y))}
+    wall: dict[str, list[float]] = {k: [] for k in jobs}
+    cpu: dict[str, list[float]] = {k: [] for k in jobs}
+    for r in range(repeats + 1):  # the first round warms up and is dropped
+        for k, (fn, per) in jobs.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            if r:
+                wall[k].append((time.perf_counter() - t) / per)
+                cpu[k].append((time.process_time() - c) / per)
+        stats.rows.clear()
+    n = len(y)
+    out: dict = {"repeats": repeats, "per_batch": per_batch, "examples": n, "fisher_backend": sampler.backend,
+                 "units": len(units), "load_before": os.getloadavg()[0]}
+    for clock, ts in (("wall", wall), ("cpu", cpu)):
+        g, a, f = (np.array(ts[k]) for k in ("grad", "sample", "fisher"))
+        out[clock] = {"grad_ms": 1e3 * float(np.median(g)), "sample_ms": 1e3 * float(np.median(a)),
+                      "fisher_per_example_ms": 1e3 * float(np.median(f)),
+                      "sample_over_grad": float(np.median(a / g)),
+                      "fisher_over_grad_per_example": float(np.median(f / (g / n)))}
+    return out
+
+
+def _cost_only(a, model, units, batches) -> None:
+    load = os.getloadavg()[0]
+    c = cost_table(model, batches, units, a.repeats)
+    c.update(machine=machine(), load_avg_1min_before=load, load_avg_1min_after=os.getloadavg()[0],
+             command=f"python benchmarks/hessian_engine.py {' '.join(sys.argv[1:])}")
+    del c["load_before"]
+    print(f"Cost per sample, ResNet-20, batch {c['examples']}, {c['per_batch']} vectors per visit, median of "
+          f"{c['repeats']} alternating repeats ({machine()}; 1-min load average {load:.2f} before, "
+          f"{c['load_avg_1min_after']:.2f} after):")
+    print()
+    print("| estimator | wall ms | CPU ms | ratio (wall) | ratio (CPU) |")
+    print("|---|---:|---:|---:|---:|")
+    w, p = c["wall"], c["cpu"]
+    print(f"| (c) plain gradient (forward + backward) | {w['grad_ms']:.1f} | {p['grad_ms']:.1f} | 1.00 x (c) | "
+          "1.00 x (c) |")
+    print(f"| (a) one Hutchinson sample (double backward) | {w['sample_ms']:.1f} | {p['sample_ms']:.1f} | "
+          f"{w['sample_over_grad']:.2f} x (c) | {p['sample_over_grad']:.2f} x (c) |")
+    print(f"| Fisher ({c['fisher_backend']}), per example | {w['fisher_per_example_ms']:.2f} | "
+          f"{p['fisher_per_example_ms']:.2f} | {w['fisher_over_grad_per_example']:.2f} x (c)/B | "
+          f"{p['fisher_over_grad_per_example']:.2f} x (c)/B |")
+    out = Path(a.out) if a.out else OUT / "hessian_engine_cost.json"
+    hap._utils.atomic_write_text(out, json.dumps(c, indent=1) + "\n")
+    print(f"written: {out}")
+
+
 def stability(model, batches, units, variant: dict, budget: float, seed: int) -> dict:
     named = dict(model.named_parameters())
     shapes = {s.param: named[s.param].shape for u in units for s in u.slices}
@@ -213,9 +305,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings beside other jobs)")
     ap.add_argument("--checkpoint", default=None, help="use these ResNet-20 weights instead of the cached model")
     ap.add_argument("--only-memory", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cost-only", action="store_true",
+                    help="measure only the cost table (gradient, Hutchinson sample, Fisher) and write it to --out")
+    ap.add_argument("--out", default=None,
+                    help="where --cost-only writes its JSON (default benchmarks/out/hessian_engine_cost.json)")
     a = ap.parse_args()
+    if a.out and not a.cost_only:
+        ap.error("--out applies to --cost-only; the full run writes docs/engine.md and benchmarks/out/")
     torch.set_num_threads(a.threads)
-    model, data, summary, batches, units = _setup(a.epochs, a.batches, checkpoint=a.checkpoint)
+    model, data, summary, batches, units = _setup(a.epochs, 1 if a.cost_only else a.batches, checkpoint=a.checkpoint)
+    if a.cost_only:
+        _cost_only(a, model, units, batches)
+        return
     if a.only_memory is not None:
         with _RssSampler() as rss:
             stability(model, batches, units, VARIANTS[a.only_memory], budget=10.0, seed=0)

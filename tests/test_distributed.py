@@ -287,6 +287,47 @@ def _resume(r: int, world: int) -> dict[str, Any]:
     return out
 
 
+def _lm_texts(path: Path, n: int = 40) -> Path:
+    """A CSV of ``n`` texts of 1 to 9 words (so padded batches whose rows predict unequal token counts)."""
+    import csv
+
+    from .text.conftest import WORDS
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("text", "label"))
+        for i in range(n):
+            w.writerow((" ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + (i * 7) % 9)), ("a", "b")[i % 2]))
+    return path
+
+
+def _lm(r: int, world: int) -> dict[str, Any]:
+    """A tiny Llama fine-tuned on padded texts of unequal lengths (batch 7: rows 3 + 4 on two ranks): the
+    loss is a mean over predicted tokens, so each rank's loss weight must be its share of the tokens."""
+    import tempfile
+
+    from hap.text import load_text_data
+    from hap.train import CausalLMTask, TrainConfig, train
+
+    from ._tiny_llm import make_decoder
+    from .text.conftest import make_tokenizer
+
+    class Recording(CausalLMTask):
+        def loss_weight(self, targets: Any, share: float) -> float:
+            w = super().loss_weight(targets, share)
+            self.weights.append((share, w))
+            return w
+
+    root = Path(tempfile.mkdtemp(prefix=f"hap-test-lm-rank{r}-"))  # every rank its own copy of the inputs
+    data = load_text_data(str(_lm_texts(root / "d.csv")), fractions={"train": 0.7, "val": 0.1, "score": 0.0,
+                                                                      "test": 0.2})
+    task = Recording(make_tokenizer(root / "tok"), max_length=16)
+    task.weights = []
+    model = make_decoder("llama", seed=r)  # another init per rank: DDP starts every rank from rank 0's
+    train(model, data, TrainConfig(steps=4, lr=1e-2, batch_size=7, seed=0, warmup=0.0), task=task, progress=False)
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "weights": task.weights}
+
+
 def _all(r: int, world: int) -> dict[str, Any]:
     """Every scenario in one launch (starting interpreters is most of the cost); a scenario that raises
     is recorded and the next one still runs (a collective error leaves the group usable)."""
@@ -302,7 +343,7 @@ def _all(r: int, world: int) -> dict[str, Any]:
 
 
 SCENARIOS = {"estimates": _estimates, "raises": _raises, "repair": _repair, "train": _train, "resume": _resume,
-             "all": _all}
+             "lm": _lm, "all": _all}
 
 
 @pytest.fixture(scope="module")
@@ -416,6 +457,31 @@ def test_ddp_fine_tuning_equals_one_process_with_the_same_global_batch(ranks, tm
           progress=False)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(one["vision"][k], v, rtol=1e-12, atol=1e-14)
+
+
+def test_causal_lm_ddp_weights_each_rank_by_its_tokens_and_equals_one_process(ranks):
+    """Padded rows of unequal lengths: rank r's loss weight is ``W t_r / T`` (its predicted tokens), not
+    ``W n_r / n`` (its rows), and the two ranks' fine-tune gives one process's weights."""
+    two = _ok(ranks["lm"])
+    one = _lm(0, 1)
+    assert all(w == share == 1.0 for share, w in one["weights"])  # one process: no factor
+    per_step = list(zip(two[0]["weights"], two[1]["weights"], strict=True))
+    assert len(per_step) == 4
+    for (s0, w0), (s1, w1) in per_step:
+        assert s0 + s1 == pytest.approx(WORLD) and w0 + w1 == pytest.approx(WORLD)  # the factors average to 1
+    assert any(abs(w0 - s0) > 0.05 for (s0, w0), _ in per_step)  # tokens, not rows, decided the weights
+    for r in range(WORLD):
+        for k, v in one["state"].items():
+            if k.endswith("k_proj.bias"):
+                continue  # its true gradient is exactly 0 (softmax ignores it): Adam scales rounding noise to lr
+            torch.testing.assert_close(two[r]["state"][k], v, rtol=1e-7, atol=1e-9, msg=f"rank {r}: {k}")
+    assert any(not torch.equal(v, make_llama_state()[k]) for k, v in one["state"].items())  # it trained
+
+
+def make_llama_state() -> dict[str, torch.Tensor]:
+    from ._tiny_llm import make_decoder
+
+    return make_decoder("llama", seed=0).state_dict()
 
 
 def test_self_sharding_vision_loader_under_ddp_equals_one_process(ranks, tmp_path, monkeypatch):

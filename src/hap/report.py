@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 from ._utils import atomic_write_text
 
 __all__ = ["plot_sensitivity", "plot_widths", "plot_accuracy_vs_params", "write_run_report", "write_comparison",
-           "write_heads_report", "write_lm_report", "run_label", "check_same_test_set", "metric_of"]
+           "write_heads_report", "write_lm_report", "run_label", "check_same_test_set", "metric_of",
+           "latency_batch_label"]
 
 
 def metric_of(m: dict[str, Any]) -> str:
@@ -28,6 +29,22 @@ def metric_of(m: dict[str, Any]) -> str:
     where a classifier has ``*_acc*``), so the keys themselves say which a run holds.
     """
     return "ppl" if "dense_test_ppl" in m or "test_ppl" in m else "acc"
+
+
+def latency_batch_label(m: dict[str, Any]) -> str | None:
+    """The batch a run's CPU latency was timed at, as its tables print it: ``"64"`` (images) or ``"8x64"``
+    (texts x tokens); ``None`` when the run records none.
+
+    ``RunConfig.latency_batch`` sets it (8 for the text families, 64 for a CNN), so a label written from a
+    constant would misname every run that changed it; the metrics record what was measured
+    (``latency_batch``), and an older run without that key the config it ran with.
+    """
+    batch = m.get("latency_batch")
+    if batch is None:
+        batch = m.get("config", {}).get("latency_batch")
+    if batch is None:
+        return None
+    return "x".join(map(str, batch)) if isinstance(batch, list | tuple) else str(batch)
 
 
 def _ppl(x: Any) -> str:
@@ -191,8 +208,9 @@ def write_run_report(run_dir: str | Path) -> Path:
     if "dense_test_acc" in m:
         lines.append(f"| top-1 test (%) | {_pct(m['dense_test_acc'])} | {_pct(m['test_acc'])} |")
     lines += _repair_rows(m, "top-1 test right after pruning, BN re-estimated (%)", _pct)
-    lines.append(f"| CPU latency, batch 64, 1 thread (ms) | {m['latency_ms_base']:.1f} | {m['latency_ms']:.1f} "
-                 f"({m['speedup']:.2f}x) |")
+    batch = latency_batch_label(m)
+    lines.append(f"| CPU latency, {f'batch {batch}, ' if batch else ''}1 thread (ms) | {m['latency_ms_base']:.1f} | "
+                 f"{m['latency_ms']:.1f} ({m['speedup']:.2f}x) |")
     c = _settings(m.get("config", {}))
     lines += ["", f"method `{c['method']}`, target `{c['target']}`, allocation `{c['allocation']}`, "
               f"implant `{c['implant']}`; model selection on the validation split, test reported only; "

@@ -187,3 +187,37 @@ def test_train_and_finetune_take_the_same_device_rule(monkeypatch, tmp_path, cap
     assert err == ["hap train: error: --device 'cuda:0': needs a CUDA GPU and torch finds none here: use cpu (or auto)",
                    "hap finetune: error: --device 'gpu': must be auto, cpu, cuda or cuda:N"]
     assert not (tmp_path / "t").exists()
+
+
+def test_prune_table_and_report_name_the_latency_batch_the_run_used(fmnist_dir, tmp_path, capsys):
+    """``RunConfig.latency_batch`` (here from a ``--config`` file) is the batch both tables name, not 64."""
+    from hap.pipeline import RunConfig
+
+    cfg = RunConfig.for_units("channels", latency_batch=3, latency_rounds=1, latency_repeats=1, bn_batches=1,
+                              repair=None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    out = tmp_path / "r"
+    assert main(["prune", "--config", str(tmp_path / "config.json"), "--data-root", str(fmnist_dir), "--method", "l1",
+                 "--target", "params=0.5", "--finetune-epochs", "0", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["latency_batch"] == [3]
+    table = capsys.readouterr().out
+    assert "CPU latency b3 (ms)" in table and "b64" not in table
+    report = (out / "report.md").read_text()
+    assert "| CPU latency, batch 3, 1 thread (ms) |" in report and "batch 64" not in report
+
+
+@pytest.mark.parametrize("cmd, args, line", [
+    ("train", ["--lr", "-1"], "--lr -1.0: must be > 0"),
+    ("train", ["--lr", "nan"], "--lr nan: must be > 0"),
+    ("train", ["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
+    ("train", ["--epochs", "-1", "--lr", "0"], "--epochs -1.0: must be >= 0; --lr 0.0: must be > 0"),
+    ("finetune", ["--lr", "-0.5"], "--lr -0.5: must be > 0"),
+])
+def test_train_and_finetune_errors_name_the_flag(tmp_path, capsys, cmd, args, line):
+    """The rule is TrainConfig's, the words the command line's: the flag and its value on one line, exit 2,
+    before the data is read (``--data`` names no dataset here) or the run directory is touched."""
+    where = ["--out", str(tmp_path / "t")] if cmd == "train" else ["--run", str(tmp_path / "t")]
+    assert main([cmd, *args, *where, "--data", str(tmp_path / "no-such-data"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"hap {cmd}: error: {line}"]
+    assert not (tmp_path / "t").exists()

@@ -167,3 +167,38 @@ def test_rerun_spells_non_default_device_and_fisher_backend():
     assert parts[parts.index("--task") + 1] == "causal-lm" and parts[-2:] == ["--out", str(tmp)]
     default = shlex.split(rerun_command(RunConfig.for_units("heads,neurons", model="m", data="tweets"), tmp))
     assert "--device" not in default and "--fisher-backend" not in default and "--task" not in default
+
+
+def test_eval_and_finetune_of_a_causal_lm_run(llama_dir, texts, tmp_path, capsys):
+    """``hap eval --run`` gives a causal-LM run's test perplexity (the one in its metrics), ``hap finetune``
+    trains it further with the next-token loss and replaces model, ``hf/``, metrics, report and manifest."""
+    from hap.cli.common import verify_run
+
+    out = tmp_path / "run"
+    assert _prune(llama_dir, texts, out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--threads", "1"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["split"] == "test" and got["ppl"] == pytest.approx(m["test_ppl"], rel=1e-9)
+    assert got["tokens"] == m["test_size"] and got["params"] == m["params"]
+
+    assert main(["finetune", "--run", str(out), "--epochs", "1", "--lr", "1e-3", "--no-progress", "--threads", "1"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m2 = json.loads((out / "metrics.json").read_text())
+    extra = m2["extra_finetune"][-1]
+    assert line["steps"] == extra["steps"] > 0 and extra["lr"] == 1e-3
+    assert m2["finetune_steps"] == m["finetune_steps"] + extra["steps"]
+    assert m2["test_ppl"] == line["test_ppl"] != m["test_ppl"] and m2["test_labels_sha"] == m["test_labels_sha"]
+    verify_run(out)  # the manifest covers the new files
+    # the saved model is the fine-tuned one: its perplexity is the one reported, and hf/ holds the same weights
+    assert main(["eval", "--run", str(out), "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] == pytest.approx(m2["test_ppl"],
+                                                                                                 rel=1e-9)
+    reloaded, _, _ = load_run(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    ids = torch.arange(1, 9).view(1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, reloaded(input_ids=ids).logits, rtol=1e-10, atol=1e-10)
+    report = (out / "report.md").read_text()
+    assert f"after {m2['finetune_steps']} fine-tune steps | | {m2['test_ppl']:.3f}" in report

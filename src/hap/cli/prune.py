@@ -325,7 +325,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..distributed import broadcast_object
     from ..io import save
     from ..pipeline import run
-    from ..report import write_heads_report, write_lm_report, write_run_report
+    from ..report import latency_batch_label, write_heads_report, write_lm_report, write_run_report
     from ..sensitivity import Sensitivity
 
     cfg = resolve(args)
@@ -392,7 +392,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                {"": f"top-1 after repair ({m['repair_s']:.1f} s)", "dense": "",
                 "pruned": f"{m['test_acc_oneshot']:.4f}"}] if m.get("repair") else
               [{"": "top-1 after surgery (BN re-est.)", "dense": "", "pruned": f"{m['test_acc_oneshot']:.4f}"}]),
-            {"": "CPU latency b64 (ms)", "dense": f"{m['latency_ms_base']:.1f}",
+            {"": f"CPU latency b{latency_batch_label(m) or '?'} (ms)", "dense": f"{m['latency_ms_base']:.1f}",
              "pruned": f"{m['latency_ms']:.1f} ({m['speedup']:.2f}x)"},
             {"": "val / test images", "dense": "", "pruned": f"{m['val_size']:,} / {m['test_size']:,}"},
         ], ["", "dense", "pruned"])

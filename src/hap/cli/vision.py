@@ -36,10 +36,12 @@ EXAMPLES = {
   hap train --model resnet20 --data fashion-mnist --epochs 15 --out runs/dense
   hap train --model resnet20 --data fashion-mnist --epochs 15 --out runs/dense --resume""",
     "finetune": """example:
-  hap finetune --run runs/hap-p50 --model resnet20 --data fashion-mnist --epochs 3""",
+  hap finetune --run runs/hap-p50 --model resnet20 --data fashion-mnist --epochs 3
+  hap finetune --run runs/llm-20 --epochs 1 --lr 2e-5     # a causal-LM run: its own model, data and task""",
     "eval": """example:
   hap eval --model resnet20 --checkpoint runs/dense/best.safetensors
-  hap eval --model resnet20 --run runs/hap-p50""",
+  hap eval --model resnet20 --run runs/hap-p50
+  hap eval --run runs/llm-20                             # a causal-LM run: its test perplexity""",
     "report": """example:
   hap report runs/hap-p50                                  # report.md + PNGs inside the run
   hap report runs/hap-p50 runs/l1-p50 --out runs/compare   # table + accuracy-vs-params plot""",
@@ -116,7 +118,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     f = sub.add_parser("finetune", help="fine-tune a saved pruned model further", epilog=EXAMPLES["finetune"],
                        formatter_class=fmt)
-    f.add_argument("--run", required=True, help="a directory written by 'hap prune'")
+    f.add_argument("--run", required=True, help="a directory written by 'hap prune' (a text run, causal LMs "
+                   "included: its own model and data, and its fine-tune settings unless --epochs / --lr are given)")
     _add_model_args(f, checkpoint=False)
     _add_data_args(f)
     _train_options(f, _FT)
@@ -126,7 +129,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        formatter_class=fmt)
     _add_model_args(e)
     _add_data_args(e)
-    e.add_argument("--run", default=None, help="a pruned run directory instead of --checkpoint")
+    e.add_argument("--run", default=None, help="a pruned run directory instead of --checkpoint (a text run of 'hap "
+                   "prune --units heads[,neurons]': its own model and data; a causal LM's metric is the perplexity)")
     e.add_argument("--split", default="test", choices=["val", "test"])
 
     r = sub.add_parser("report", help="report.md and PNG plots from run directories", epilog=EXAMPLES["report"],
@@ -160,6 +164,20 @@ def _check_writable(path: Path) -> None:
 def _given(args: argparse.Namespace, base: Any, names: dict[str, str]) -> Any:
     """``base`` with the options actually given (``names``: config field -> args attribute)."""
     return base.replace(**{k: getattr(args, a) for k, a in names.items() if getattr(args, a, None) is not None})
+
+
+def _train_config(args: argparse.Namespace, base: TrainConfig, task: Any, fields: tuple[str, ...]) -> TrainConfig:
+    """``base`` with the training options given (and ``--seed``), checked by ``task``'s rules with each
+    problem named by its flag (:func:`hap.cli.checks.validate_train_config`), then the task's defaults filled in.
+
+    Raises:
+        UserError: An option is out of range (``--lr -1.0: must be > 0``).
+    """
+    from .checks import validate_train_config
+
+    cfg = _given(args, base, {f: f for f in fields}).replace(seed=args.seed)
+    validate_train_config(cfg, task)
+    return task.resolve(cfg)
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -253,9 +271,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     task = VisionTask()
-    # every option is validated before the data is read or the directory touched
-    cfg = task.resolve(_given(args, _TRAIN[0], {f: f for f in ("epochs", "lr", "batch_size", "memory_format")})
-                       .replace(seed=args.seed))
+    # every option is validated, by its flag, before the data is read or the directory touched
+    cfg = _train_config(args, _TRAIN[0], task, ("epochs", "lr", "batch_size", "memory_format"))
     if cfg.epochs == 0:
         raise UserError("--epochs 0 trains nothing, so there is no run to write: give --epochs 1 or more "
                         "(an untrained model needs no run: omit --checkpoint in the other commands)")
@@ -361,8 +378,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..train import train
 
     run = Path(args.run)
+    if _is_text_run(run):
+        return _finetune_text_run(args, run)
     task = VisionTask()
-    cfg = task.resolve(_given(args, _FT[0], {f: f for f in ("epochs", "lr", "memory_format")}).replace(seed=args.seed))
+    cfg = _train_config(args, _FT[0], task, ("epochs", "lr", "memory_format"))
     if cfg.epochs == 0:
         raise UserError("--epochs 0 fine-tunes nothing: give --epochs 1 or more")
     dev = _device(args)
@@ -399,11 +418,98 @@ def _nonfinite_tensor(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _is_text_run(run: Path) -> bool:
+    """A run of ``hap prune --units heads[,neurons]`` (a Hugging Face encoder or causal LM): it holds ``base/``,
+    the unpruned architecture's config and tokenizer, from which :func:`hap.text.load_run` rebuilds it."""
+    return (run / "plan.json").is_file() and (run / "base" / "config.json").is_file()
+
+
+def _load_text_run(run: Path) -> tuple[Any, Any, Any, Any]:
+    """``(model, tokenizer, task, data)`` of a text run: its saved model and the data it was measured on."""
+    from ..text.run import load_run, load_run_data
+
+    verify_run(run, ["plan.json", "model.safetensors", "config.json"])
+    try:
+        model, tokenizer, names = load_run(run)
+        task, data = load_run_data(run, tokenizer, names)
+    except FileNotFoundError as e:
+        raise UserError(f"{e} (the run reads its data from where 'hap prune' read it)") from e
+    return model, tokenizer, task, data
+
+
+def _eval_text_run(args: argparse.Namespace) -> int:
+    """``hap eval --run`` of a text run: the task's metric (a causal LM: perplexity) on ``--split``, and size."""
+    from hap.metrics import count_params
+
+    model, _, task, data = _load_text_run(Path(args.run))
+    if not task.has_split(data, args.split) or not data.sizes().get(args.split):
+        raise UserError(f"the run's {args.split} split is empty: evaluate another --split")
+    res = {task.metric: task.metric_value(model, data, args.split), "split": args.split,
+           "n": int(data.sizes()[args.split]), "params": count_params(model)}
+    if task.metric == "ppl":  # what the perplexity averages over: predicted tokens, not rows
+        res["tokens"] = int(task.split_labels(data, args.split).numel())
+    print(json.dumps(res))
+    return 0
+
+
+def _finetune_text_run(args: argparse.Namespace, run: Path) -> int:
+    """``hap finetune`` of a text run (a classifier or a causal LM): its model on its own data, trained by
+    :func:`hap.train.train` with its task (:class:`hap.train.CausalLMTask`: the next-token loss), from the
+    run's fine-tune settings (``--epochs`` / ``--lr`` override them); its model, ``hf/`` (when it has one),
+    metrics, report and manifest are replaced together."""
+    from ..io import save
+    from ..pipeline import RunConfig, on_device
+    from ..planning import PruningPlan
+    from ..report import write_heads_report, write_lm_report
+    from ..train import train
+    from .checks import validate_train_config
+    from .prune import RECORD_KEYS, _write_hf
+
+    files = _committed(run)
+    record = json.loads((run / "config.json").read_text())
+    base = RunConfig.from_dict({k: v for k, v in record.items() if k not in RECORD_KEYS}).finetune
+    given = {k: getattr(args, k) for k in ("epochs", "lr") if getattr(args, k) is not None}
+    if "epochs" in given:
+        given["steps"] = None  # --epochs is the budget, not the run's step count
+    cfg = base.replace(seed=args.seed, **given)
+    dev = _device(args)
+    model, tokenizer, task, data = _load_text_run(run)
+    validate_train_config(cfg, task)
+    cfg = task.resolve(cfg)
+    if not task.total_steps(data, cfg):
+        raise UserError("this fine-tune has no step to take (the run's own budget is 0): give --epochs 1 or more")
+    plan = PruningPlan.load(run / "plan.json")
+    on = on_device(task, dev)
+    model.to(dev)
+    res = train(model, data, cfg, task=on, progress=not args.no_progress)
+    key = task.metric
+    value = on.metric_value(model, data, "test")
+    val = on.metric_value(model, data, "val") if data.sizes().get("val") else None
+    model.cpu()  # saved from the CPU
+    m = json.loads((run / "metrics.json").read_text())
+    m.setdefault("extra_finetune", []).append({"steps": res.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                                               f"test_{key}": value, f"val_{key}": val})
+    m[f"test_{key}"], m[f"val_{key}"] = value, val
+    m["finetune_steps"] = int(m.get("finetune_steps", 0)) + res.steps  # what the report's row counts
+    m.update(task.split_record(data))
+    files = sorted(set(files) | {"metrics.json", "model.safetensors", "plan.json", "report.md"})
+    with commit_run(run, files):
+        save(model, plan, run)
+        if m.get("hf_dir"):  # the plain transformers copy must hold these weights too, never the old ones
+            m.update(_write_hf(run, model, plan, tokenizer, files))
+        write_json(run / "metrics.json", m)
+        (write_lm_report if key == "ppl" else write_heads_report)(run)
+    print(json.dumps({"steps": res.steps, f"test_{key}": value, f"val_{key}": val}))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import sys
 
     from hap.metrics import count_macs, count_params, latency
 
+    if args.run and _is_text_run(Path(args.run)):
+        return _eval_text_run(args)
     data = _load_data(args)
     if args.run:
         model = _load_run(args.run, _build_model(args.model, data, None))

@@ -1,4 +1,5 @@
-"""Reloading a head-pruning run directory (written by ``hap heads`` / ``hap prune --units heads``)."""
+"""Reloading a head-pruning run directory (written by ``hap heads`` / ``hap prune --units heads``): its model
+(:func:`load_run`) and the task and data it was measured on (:func:`load_run_data`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_run"]
+__all__ = ["load_run", "load_run_data"]
 
 
 def load_run(directory: str | os.PathLike[str]) -> tuple[torch.nn.Module, Any, list[str]]:
@@ -44,3 +45,49 @@ def load_run(directory: str | os.PathLike[str]) -> tuple[torch.nn.Module, Any, l
     model = load(d, skeleton.eval()).eval()
     names = [] if lm else [str(cfg.id2label[i]) for i in range(cfg.num_labels)]
     return model, load_tokenizer(base), names
+
+
+def load_run_data(directory: str | os.PathLike[str], tokenizer: Any, label_names: list[str]) -> tuple[Any, Any]:
+    """The task and data a text run was measured on, rebuilt from its ``config.json``: the same source, splits
+    and sequence length, so a metric taken on them (``hap eval --run``, ``hap finetune``) is comparable
+    with the run's own ``metrics.json`` (a causal LM: the same packed test tokens; a classifier: the same
+    test texts, label ids in the saved head's order).
+
+    Args:
+        directory: A run directory of ``hap prune --units heads|heads,neurons``.
+        tokenizer, label_names: What :func:`load_run` returned for it.
+
+    Returns:
+        ``(task, data)``: a :class:`hap.train.CausalLMTask` and :class:`hap.text.lm_data.PackedText` for a causal
+        LM, else a :class:`hap.train.TextTask` and :class:`hap.text.TextData`.
+
+    Raises:
+        FileNotFoundError: No ``config.json``, or the data it names is gone.
+        ValueError: A config that names no data.
+    """
+    import json
+
+    from ..cli.sources import DataOptions  # the one statement of what a run's data_options hold
+    from ..train import CausalLMTask, TextTask
+    from .data import TWEETS, load_text_data
+    from .lm_data import load_lm_texts, pack_texts
+
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path.parent}' has no config.json: give a directory written by 'hap prune'")
+    cfg = json.loads(path.read_text())
+    if not cfg.get("data"):
+        raise ValueError(f"'{path}' names no data: it was not written by 'hap prune'")
+    opts = DataOptions.from_dict(cfg.get("data_options", {}))
+    sizes = {"train": opts.train_size, "val": opts.val_size, "score": opts.score_size, "test": opts.test_size}
+    seed = int(cfg.get("seed", 0))
+    max_length = int(cfg.get("max_length_used") or cfg.get("max_length", 64))
+    if not label_names:  # a causal LM: the texts packed into max_length-token rows, as hap prune packed them
+        texts = load_lm_texts(cfg["data"], sizes=sizes, seed=seed, text_column=opts.text_column)
+        return CausalLMTask(tokenizer, max_length=max_length), pack_texts(texts, tokenizer, max_length)
+    data = load_text_data(cfg["data"], classes=opts.classes, sizes=sizes, seed=seed,
+                          balance=(cfg["data"] == TWEETS) if opts.balance is None else opts.balance,
+                          text_column=opts.text_column, label_column=opts.label_column)
+    if list(data.label_names) != list(label_names):
+        data = data.with_label_order(label_names)
+    return TextTask(tokenizer, max_length=max_length), data

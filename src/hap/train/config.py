@@ -68,6 +68,10 @@ class TrainConfig(Config):
             out.append(Problem("epochs", self.epochs, "must be >= 0"))
         if self.steps is not None and not in_range(self.steps, 0, integer=True):
             out.append(Problem("steps", self.steps, "must be an integer >= 0"))
+        if self.lr is not None and not in_range(self.lr, 0, lo_open=True):
+            out.append(Problem("lr", self.lr, "must be > 0"))
+        if self.batch_size is not None and not in_range(self.batch_size, 1, integer=True):
+            out.append(Problem("batch_size", self.batch_size, "must be an integer >= 1"))
         if self.memory_format not in MEMORY_FORMATS:
             out.append(Problem("memory_format", self.memory_format, f"must be one of {', '.join(MEMORY_FORMATS)}"))
         return out

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .._utils import call_model, eval_mode, model_device
+from ..distributed import all_reduce_sum, is_distributed, world_size
 from ..text.data import TextLoader
 from ..text.lm import IGNORE_INDEX, causal_lm_loss, lm_labels, perplexity
 from .tasks import TextTask
@@ -92,6 +93,21 @@ class CausalLMTask(TextTask):
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
         """Mean next-token cross-entropy over the unpadded tokens (:func:`hap.text.lm.causal_lm_loss`)."""
         return causal_lm_loss(outputs, targets)
+
+    def loss_weight(self, targets: Any, share: float) -> float:
+        """``W t_r / T``: this rank's predicted tokens ``t_r`` over the global batch's ``T``, times the ranks ``W``.
+
+        The loss is a mean over tokens, not rows, and padded rows of unequal lengths give the ranks unequal
+        token counts: the rows' factor ``W n_r / n`` would weight a token of a rank with short rows more than
+        one of a rank with long ones. ``DistributedDataParallel`` averages the ranks' gradients, so with this
+        factor the step is exactly one process's on the global batch. ``T`` takes one all-reduce of a scalar
+        per step (each rank tokenizes only its own rows); a stand-in row (``share`` 0) counts no token.
+        """
+        if not is_distributed():
+            return share
+        mine = int((targets[:, 1:] != IGNORE_INDEX).sum()) if share > 0 else 0
+        total = all_reduce_sum(mine)
+        return world_size() * mine / total if total > 0 else share  # no token anywhere: every loss is 0
 
     def batch_stats(self, outputs: Any, targets: Any) -> tuple[int, int]:
         """``(tokens predicted, next-token top-1 hits)``: the train loss is a per-token mean, as perplexity is."""

@@ -202,6 +202,7 @@ def train(
                 x, y, share = shard_batch(x, y)
             else:  # already this rank's rows: only the loss weight, relative to the global batch
                 share = sharded.weight(batches.global_batch_rows(i))
+            share = task.loss_weight(y, share)  # the rows' factor, or the task's (a causal LM: its tokens')
             outputs = call_model(net, task.to_input(x, layout))
             logits = logits_of(outputs)
             loss = task.loss(outputs, y)

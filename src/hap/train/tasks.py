@@ -112,6 +112,16 @@ class Task:
         changes both by overriding this one method."""
         return classification_loss(outputs, targets)
 
+    def loss_weight(self, targets: Any, share: float) -> float:
+        """The factor this rank's mean loss is scaled by before backward under ``torch.distributed``.
+
+        ``share`` is the rows' factor (:meth:`hap.distributed.GlobalBatchShard.weight`, ``W n_r / n``), exact
+        for a loss that is a mean over rows, as a classifier's is. A task whose loss is a mean over something
+        else (a causal LM's: predicted tokens) returns its own factor, so that the ranks' averaged gradient
+        is one process's on the whole global batch. Called once per step on every rank.
+        """
+        return share
+
     def batch_stats(self, outputs: Any, targets: Any) -> tuple[int, int]:
         """``(predictions, correct ones)`` of one training batch: what the train loss is weighted by and
         the train accuracy counts (a classifier: examples and top-1 hits)."""
