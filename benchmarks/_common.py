@@ -25,7 +25,15 @@ from hap.train import TrainConfig, load_weights, train
 OUT = Path(__file__).resolve().parent / "out"
 
 
-def machine() -> str:
+def machine(threads: int | None = None) -> str:
+    """The machine and the threads a benchmark runs on, for the line a document quotes.
+
+    ``"2 cores (AMD EPYC), torch 2.13.0+cpu, 1 thread used"``: the cores are the machine's (those this
+    process may run on, when fewer), the thread count the benchmark's own. Torch's current count is only a
+    stand-in for the latter (what an untimed call would get): a script that times with ``threads=N`` (or
+    several counts) passes ``threads``, since that, not torch's setting at the time of the call, is what
+    its numbers were measured with.
+    """
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -34,7 +42,13 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    cores = os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    where = f"{cores} cores" + (f", {usable} usable" if usable < cores else "")
+    n = torch.get_num_threads() if threads is None else threads
+    if n < 1:
+        raise ValueError(f"threads={n}: give the benchmark's thread count, at least 1")
+    return f"{where} ({cpu}), torch {torch.__version__}, {n} thread{'' if n == 1 else 's'} used"
 
 
 def dense_resnet(name: str = "resnet20", epochs: int = 30, seed: int = 0, progress: bool = True):

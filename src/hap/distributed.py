@@ -244,7 +244,9 @@ class GlobalBatchShard:
 
     ``DistributedDataParallel`` averages gradients over ranks, so rank ``r``'s mean loss is scaled by
     :meth:`weight` ``= W n_r / n``: the average of the scaled gradients is the gradient of the global mean
-    even when ``n`` is not a multiple of ``W``.
+    even when ``n`` is not a multiple of ``W``. That holds for a loss that is a mean over rows; a task whose
+    loss averages something else replaces the factor (:meth:`hap.train.Task.loss_weight`: a causal LM's
+    mean over predicted tokens takes ``W t_r / T``, its tokens' share, since padded rows differ in length).
 
     Attributes:
         rank: This rank (0 for one process).

@@ -183,7 +183,8 @@ def test_eval_and_finetune_of_a_causal_lm_run(llama_dir, texts, tmp_path, capsys
     assert got["split"] == "test" and got["ppl"] == pytest.approx(m["test_ppl"], rel=1e-9)
     assert got["tokens"] == m["test_size"] and got["params"] == m["params"]
 
-    assert main(["finetune", "--run", str(out), "--epochs", "1", "--lr", "1e-3", "--no-progress", "--threads", "1"]) == 0
+    assert main(["finetune", "--run", str(out), "--epochs", "1", "--lr", "1e-3", "--no-progress",
+                 "--threads", "1"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     m2 = json.loads((out / "metrics.json").read_text())
     extra = m2["extra_finetune"][-1]

@@ -14,7 +14,7 @@ import hap
 import hap.models.tiny as tiny_zoo
 from hap._hf import eager_attention
 from hap._utils import eval_mode
-from hap.estimate.batchgrad import _rows_cols, lean_support
+from hap.estimate.batchgrad import _conv_weight_grads, _rows_cols, lean_support
 from hap.estimate.fisher import FisherSampler
 from hap.estimate.hutchinson import estimate_traces
 from hap.estimate.reduce import UnitReducer
@@ -91,6 +91,48 @@ def test_gram_and_materialised_marginals_agree(groups, t):
         got = _rows_cols(g, a, {0, 1}, full)
         torch.testing.assert_close(got[0], want0)
         torch.testing.assert_close(got[1], want1)
+
+
+_CONV_CASES = {
+    "plain": lambda: nn.Conv2d(4, 6, 3, padding=1),
+    "stride-dilation": lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2),
+    "groups-reflect": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"),
+    "same-circular": lambda: nn.Conv2d(4, 4, (3, 2), padding="same", padding_mode="circular", groups=4),
+    "conv1d-same": lambda: nn.Conv1d(4, 6, 3, padding="same", dilation=2),
+    "conv1d-stride": lambda: nn.Conv1d(4, 6, 2, stride=2, bias=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CONV_CASES))
+def test_conv_weight_grads_are_the_per_example_gradients(case):
+    """The grouped-backward per-example weight gradients against torch.func's, for every padding flavour."""
+    torch.manual_seed(0)
+    conv = _CONV_CASES[case]().double()
+    x = torch.randn(3, 4, *((9, 8) if isinstance(conv, nn.Conv2d) else (11,)), dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+
+    def dot(w: torch.Tensor, xi: torch.Tensor, gi: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(conv, {"weight": w}, (xi[None],), strict=False)
+        return (out * gi[None]).sum()
+
+    want = torch.func.vmap(torch.func.grad(dot), in_dims=(None, 0, 0))(conv.weight.detach(), x, g)
+    torch.testing.assert_close(_conv_weight_grads(conv, x, g), want)
+
+
+def test_hooks_equal_vmap_on_strided_grouped_padded_convs():
+    """The estimator's rows through those convolutions (stride, dilation, depthwise, padding modes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, stride=2, padding=1, padding_mode="reflect"), nn.Tanh(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), nn.Tanh(),
+        nn.Conv2d(8, 6, 3, padding="same", padding_mode="replicate"), nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+    ).double()
+    x = torch.randn(5, 2, 10, 10, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    units = _discover("channels", model, x, ())
+    assert units
+    _assert_same(model, F.cross_entropy, (x, y), units)
 
 
 class _Mixed(nn.Module):
