@@ -221,3 +221,28 @@ def test_train_and_finetune_errors_name_the_flag(tmp_path, capsys, cmd, args, li
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"hap {cmd}: error: {line}"]
     assert not (tmp_path / "t").exists()
+
+
+def test_eval_and_finetune_of_a_text_classifier_run(tmp_path, capsys):
+    """``hap eval --run`` / ``hap finetune`` on a ``hap heads`` run: its own model and data (accuracy), not a
+    zoo CNN on Fashion-MNIST."""
+    pytest.importorskip("transformers")
+    from ..text.conftest import save_model_dir, write_csv
+
+    model_dir = save_model_dir(tmp_path / "clf", num_labels=2)
+    out = tmp_path / "run"
+    assert main(["heads", "--model", str(model_dir), "--data", str(write_csv(tmp_path / "d.csv", n=40)), "--method",
+                 "l1", "--target", "heads=0.25", "--finetune-steps", "2", "--out", str(out), "--no-progress",
+                 "--threads", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--threads", "1"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["acc"] == m["test_acc"] and got["n"] == m["test_size"] and got["params"] == m["params"]
+    assert main(["finetune", "--run", str(out), "--epochs", "1", "--no-progress", "--threads", "1"]) == 0
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["extra_finetune"][-1]["lr"] == m["config"]["finetune"]["lr"]  # the run's own settings
+    assert m2["finetune_steps"] > m["finetune_steps"] and m2["test_labels_sha"] == m["test_labels_sha"]
+    assert main(["eval", "--run", str(out), "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["acc"] == m2["test_acc"]
+    assert f"after {m2['finetune_steps']} fine-tune steps" in (out / "report.md").read_text()

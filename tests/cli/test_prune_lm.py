@@ -203,3 +203,17 @@ def test_eval_and_finetune_of_a_causal_lm_run(llama_dir, texts, tmp_path, capsys
         torch.testing.assert_close(hf(input_ids=ids).logits, reloaded(input_ids=ids).logits, rtol=1e-10, atol=1e-10)
     report = (out / "report.md").read_text()
     assert f"after {m2['finetune_steps']} fine-tune steps | | {m2['test_ppl']:.3f}" in report
+
+
+def test_a_text_run_refuses_zoo_options_and_an_empty_budget(llama_dir, texts, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _prune(llama_dir, texts, out) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--data", "cifar10"]) == 2
+    assert main(["finetune", "--run", str(out), "--epochs", "0", "--no-progress"]) == 2
+    assert main(["finetune", "--run", str(out), "--lr", "-1", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"hap eval: error: '{out}' is a text run, which reads its own model and data: drop --data",
+        "hap finetune: error: this fine-tune has no step to take (--epochs 0, or the run's own budget of 0 steps): "
+        "give --epochs 1 or more",
+        "hap finetune: error: --lr -1.0: must be > 0"]

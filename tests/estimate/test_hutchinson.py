@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hap.estimate.hutchinson import _HVP, estimate_traces
+from hap.estimate.hutchinson import _HVP, _probes, _rademacher, estimate_traces
 from hap.estimate.reduce import UnitReducer
 from hap.estimate.stats import spearman
 from hap.units.channels import channel_groups, flatten_units
@@ -212,3 +212,22 @@ def test_looped_per_example_gradients_equal_vmap():
     lp = _looped_grads(model, F.cross_entropy, params, x, y, set())
     for n in params:
         torch.testing.assert_close(vm[n], lp[n])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_one_draw_of_all_probes_is_the_per_parameter_stream(k):
+    """The single draw split into parameters is bit for bit the old one-draw-per-parameter stream, so
+    estimates did not change when the draws were fused."""
+    shapes = {"a.weight": torch.Size((5, 3, 3, 3)), "a.bias": torch.Size((5,)), "b.weight": torch.Size((2, 7))}
+    gen = torch.Generator().manual_seed(11)
+    want = {n: _rademacher(torch.Size((k, *s)), gen, torch.float64) for n, s in shapes.items()}
+    after_want = torch.randint(0, 1000, (4,), generator=gen)
+    gen = torch.Generator().manual_seed(11)
+    got = _probes(shapes, k, gen, torch.float64, torch.device("cpu"))
+    assert list(got) == list(shapes)
+    for n in shapes:
+        assert got[n].shape == (k, *shapes[n]) and got[n].dtype == torch.float64
+        assert torch.equal(got[n], want[n])
+    assert torch.equal(torch.randint(0, 1000, (4,), generator=gen), after_want)  # the generator moved as far
+    per_param = _probes(shapes, k, torch.Generator().manual_seed(11), torch.float64, dict.fromkeys(shapes, "cpu"))
+    assert all(torch.equal(per_param[n], want[n]) for n in shapes)

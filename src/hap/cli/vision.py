@@ -54,15 +54,19 @@ _TRAIN = [TrainConfig(epochs=15, lr=0.1, batch_size=128)]
 _FT = [TrainConfig(epochs=1, lr=0.01)]
 
 
+# the options of a zoo model on image data, with their defaults (what a text run must not be given)
+_ZOO_OPTIONS = {"model": "resnet20", "checkpoint": None, "data": "fashion-mnist", "data_root": None, "subset": None}
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist (packaged), cifar10 or a folder path")
+    p.add_argument("--data", default=_ZOO_OPTIONS["data"], help="fashion-mnist (packaged), cifar10 or a folder path")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files, if not the default")
     p.add_argument("--subset", type=int, default=None, help="use only N training images (quick runs)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
-    p.add_argument("--model", default="resnet20", help="model zoo name (see `hap models`)")
+    p.add_argument("--model", default=_ZOO_OPTIONS["model"], help="model zoo name (see `hap models`)")
     if checkpoint:
         p.add_argument("--checkpoint", default=None, help="safetensors weights of --model")
 
@@ -424,10 +428,18 @@ def _is_text_run(run: Path) -> bool:
     return (run / "plan.json").is_file() and (run / "base" / "config.json").is_file()
 
 
-def _load_text_run(run: Path) -> tuple[Any, Any, Any, Any]:
-    """``(model, tokenizer, task, data)`` of a text run: its saved model and the data it was measured on."""
+def _load_text_run(run: Path, args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """``(model, tokenizer, task, data)`` of a text run: its saved model and the data it was measured on.
+
+    The zoo model and image-data options name what a CNN run is rebuilt from; a text run rebuilds itself
+    from its own files, so such an option given with it is refused rather than silently ignored.
+    """
     from ..text.run import load_run, load_run_data
 
+    ignored = [f"--{k.replace('_', '-')}" for k, default in _ZOO_OPTIONS.items()
+               if getattr(args, k, default) != default]
+    if ignored:
+        raise UserError(f"'{run}' is a text run, which reads its own model and data: drop {', '.join(ignored)}")
     verify_run(run, ["plan.json", "model.safetensors", "config.json"])
     try:
         model, tokenizer, names = load_run(run)
@@ -439,9 +451,15 @@ def _load_text_run(run: Path) -> tuple[Any, Any, Any, Any]:
 
 def _eval_text_run(args: argparse.Namespace) -> int:
     """``hap eval --run`` of a text run: the task's metric (a causal LM: perplexity) on ``--split``, and size."""
+    import sys
+
     from hap.metrics import count_params
 
-    model, _, task, data = _load_text_run(Path(args.run))
+    model, _, task, data = _load_text_run(Path(args.run), args)
+    bad = _nonfinite_tensor(model)
+    if bad is not None:
+        print(f"warning: the model's '{bad}' holds NaN/inf values: its outputs, and the {task.metric} below, mean "
+              "nothing (was the training diverging?)", file=sys.stderr)
     if not task.has_split(data, args.split) or not data.sizes().get(args.split):
         raise UserError(f"the run's {args.split} split is empty: evaluate another --split")
     res = {task.metric: task.metric_value(model, data, args.split), "split": args.split,
@@ -461,7 +479,7 @@ def _finetune_text_run(args: argparse.Namespace, run: Path) -> int:
     from ..pipeline import RunConfig, on_device
     from ..planning import PruningPlan
     from ..report import write_heads_report, write_lm_report
-    from ..train import train
+    from ..train import TextTask, train
     from .checks import validate_train_config
     from .prune import RECORD_KEYS, _write_hf
 
@@ -473,11 +491,12 @@ def _finetune_text_run(args: argparse.Namespace, run: Path) -> int:
         given["steps"] = None  # --epochs is the budget, not the run's step count
     cfg = base.replace(seed=args.seed, **given)
     dev = _device(args)
-    model, tokenizer, task, data = _load_text_run(run)
-    validate_train_config(cfg, task)
+    if cfg.steps == 0 or (cfg.steps is None and not cfg.epochs):
+        raise UserError("this fine-tune has no step to take (--epochs 0, or the run's own budget of 0 steps): give "
+                        "--epochs 1 or more")
+    validate_train_config(cfg, TextTask(tokenizer=None))  # a causal LM's rules are the text task's: before the load
+    model, tokenizer, task, data = _load_text_run(run, args)
     cfg = task.resolve(cfg)
-    if not task.total_steps(data, cfg):
-        raise UserError("this fine-tune has no step to take (the run's own budget is 0): give --epochs 1 or more")
     plan = PruningPlan.load(run / "plan.json")
     on = on_device(task, dev)
     model.to(dev)
@@ -489,7 +508,9 @@ def _finetune_text_run(args: argparse.Namespace, run: Path) -> int:
     m = json.loads((run / "metrics.json").read_text())
     m.setdefault("extra_finetune", []).append({"steps": res.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
                                                f"test_{key}": value, f"val_{key}": val})
-    m[f"test_{key}"], m[f"val_{key}"] = value, val
+    m[f"test_{key}"] = value
+    if val is not None:
+        m[f"val_{key}"] = val
     m["finetune_steps"] = int(m.get("finetune_steps", 0)) + res.steps  # what the report's row counts
     m.update(task.split_record(data))
     files = sorted(set(files) | {"metrics.json", "model.safetensors", "plan.json", "report.md"})

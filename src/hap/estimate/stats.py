@@ -51,32 +51,54 @@ class SampleStats:
     """
 
     def __init__(self, num_units: int) -> None:
-        self.rows: list[np.ndarray] = []
         self.num_units = num_units
+        self._buf = np.empty((0, num_units))
+        self._n = 0
+        # Running per-unit sums, in row order, so that :meth:`summary` (called after every batch visit by
+        # the stopping rule) need not rebuild them from all rows each time: the same additions in the same
+        # order as the column sums of the whole matrix, so the same bits.
+        self._count = np.zeros(num_units, dtype=np.int64)
+        self._total = np.zeros(num_units)
+        self._n_half = [np.zeros(num_units, dtype=np.int64), np.zeros(num_units, dtype=np.int64)]
+        self._s_half = [np.zeros(num_units), np.zeros(num_units)]
 
     def add(self, row: np.ndarray) -> None:
-        self.rows.append(row)
+        row = np.asarray(row, dtype=np.float64)
+        if self._n == len(self._buf):  # grow by doubling: amortised O(1) per row, no re-stacking
+            grown = np.empty((max(16, 2 * len(self._buf)), self.num_units))
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n] = row
+        self._n += 1
+        valid = ~np.isnan(row)
+        even = valid & (self._count % 2 == 0)  # this unit's own sample index is even
+        odd = valid & ~even
+        self._count += valid
+        self._total += np.where(valid, row, 0.0)
+        self._n_half[0] += even
+        self._n_half[1] += odd
+        self._s_half[0] += np.where(even, row, 0)
+        self._s_half[1] += np.where(odd, row, 0)
+
+    def __len__(self) -> int:
+        return self._n
 
     def matrix(self) -> np.ndarray:
-        return np.stack(self.rows) if self.rows else np.full((0, self.num_units), np.nan)
+        return self._buf[: self._n].copy() if self._n else np.full((0, self.num_units), np.nan)
 
     def summary(self, weight: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
         """``(mean, se, count, split_half, median_rel_se)`` over every rank's samples."""
-        m = self.matrix()
-        valid = ~np.isnan(m)
-        vals = np.where(valid, m, 0.0)
-        order = np.cumsum(valid, axis=0) - 1  # per-unit index of each sample
-        even = valid & (order % 2 == 0)
-        odd = valid & (order % 2 == 1)
+        m = self._buf[: self._n]
         first = np.stack([
-            valid.sum(0), vals.sum(0), even.sum(0), np.where(even, m, 0).sum(0), odd.sum(0),
-            np.where(odd, m, 0).sum(0), np.full(self.num_units, float(m.shape[0])),
+            self._count, self._total, self._n_half[0], self._s_half[0], self._n_half[1], self._s_half[1],
+            np.full(self.num_units, float(self._n)),
         ]).astype(np.float64)
         count, total, n_even, s_even, n_odd, s_odd, rows_all = all_reduce_sum(first)
         rows = int(rows_all[0]) if self.num_units else 0
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-            dev = np.where(valid, m - mean, 0.0)
+            dev = m - mean
+            dev = np.where(np.isnan(m), 0.0, dev)
             m2 = all_reduce_sum((dev * dev).sum(0))
             var = np.where(count > 1, m2 / (count - 1), np.nan) if rows > 1 else np.full(self.num_units, np.inf)
             se = np.sqrt(var / np.maximum(count, 1))
