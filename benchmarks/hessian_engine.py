@@ -40,7 +40,7 @@ import hap.data  # noqa: E402
 import hap.models  # noqa: E402
 from _common import OUT, dense_resnet, machine  # noqa: E402
 from hap.estimate.fisher import FisherSampler  # noqa: E402
-from hap.estimate.hutchinson import _HVP, _rademacher, estimate_traces  # noqa: E402
+from hap.estimate.hutchinson import _HVP, _probes, _rademacher, estimate_traces  # noqa: E402
 from hap.estimate.reduce import UnitReducer  # noqa: E402
 from hap.estimate.stats import SampleStats, spearman  # noqa: E402
 from hap.train import load_weights  # noqa: E402
@@ -102,12 +102,12 @@ def cost_per_sample(model, batches, units, repeats: int, per_batch: int, layer_s
         def run():
             hvp = _HVP(model, F.cross_entropy, params, (x, y), 0, backend)
             for _ in range(per_batch // k):
+                v = _probes(shapes, k, gen, torch.float32, x.device)  # as estimate_traces draws them
                 if k == 1:
-                    v = {n: _rademacher(s, gen, torch.float32) for n, s in shapes.items()}
+                    v = {n: t[0] for n, t in v.items()}
                     hv = hvp(v, batched=False)
                     reducer({n: v[n] * hv[n] for n in names})
                 else:
-                    v = {n: _rademacher(torch.Size((k, *s)), gen, torch.float32) for n, s in shapes.items()}
                     hv = hvp(v, batched=True)
                     reducer({n: v[n] * hv[n] for n in names}, batched=True)
 
@@ -175,7 +175,7 @@ def cost_table(model, batches, units, repeats: int, per_batch: int = 8) -> dict:
     reducer = UnitReducer(units, shapes)
     x, y = batches[0]
     gen = torch.Generator().manual_seed(0)
-    stats = SampleStats(len(units))
+    stats = SampleStats(len(units))  # rebuilt every round: each summarises one visit's rows
     sampler = FisherSampler(model, F.cross_entropy, params, reducer)
     model.eval()
 
@@ -183,16 +183,19 @@ def cost_table(model, batches, units, repeats: int, per_batch: int = 8) -> dict:
         loss = F.cross_entropy(model(x), y)
         torch.autograd.grad(loss, list(params.values()))
 
-    def sample():
+    def sample():  # the loop of estimate_traces for one visit (global probe, one vector per product)
         hvp = _HVP(model, F.cross_entropy, params, (x, y), 0, "double_backward")
         for _ in range(per_batch):
-            v = {n: _rademacher(s, gen, torch.float32) for n, s in shapes.items()}
+            v = {n: t[0] for n, t in _probes(shapes, 1, gen, torch.float32, x.device).items()}
             hv = hvp(v, batched=False)
-            stats.add(reducer({n: v[n] * hv[n] for n in names}).numpy())
+            for row in reducer({n: v[n] * hv[n] for n in names}).numpy()[None]:
+                stats.add(row)
+        stats.summary(None)  # the stopping rule's check after each visit
 
     def fisher():
         for row in sampler((x, y), 0, gen, len(y)):
             stats.add(row)
+        stats.summary(None)
 
     jobs = {"grad": (grad_only, 1), "sample": (sample, per_batch), "fisher": (fisher, len(y))}
     wall: dict[str, list[float]] = {k: [] for k in jobs}
@@ -204,7 +207,7 @@ def cost_table(model, batches, units, repeats: int, per_batch: int = 8) -> dict:
             if r:
                 wall[k].append((time.perf_counter() - t) / per)
                 cpu[k].append((time.process_time() - c) / per)
-        stats.rows.clear()
+        stats = SampleStats(len(units))
     n = len(y)
     out: dict = {"repeats": repeats, "per_batch": per_batch, "examples": n, "fisher_backend": sampler.backend,
                  "units": len(units), "load_before": os.getloadavg()[0]}
