@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
-__all__ = ["Config", "Registry", "ConfigError", "Problem", "SensitivityConfig", "PlanConfig"]
+__all__ = ["Config", "Registry", "ConfigError", "Problem", "SensitivityConfig", "PlanConfig", "DataOptions"]
 
 T = TypeVar("T")
 C = TypeVar("C", bound="Config")
@@ -356,3 +356,40 @@ class PlanConfig(Config):
         if not in_range(self.latency_tol, 0, 0.5, lo_open=True, hi_open=True):
             out.append(Problem("latency_tol", self.latency_tol, "must be in (0, 0.5)"))
         return out
+
+
+@dataclasses.dataclass
+class DataOptions(Config):
+    """How a run reads its data, per unit family: what ``RunConfig.data_options`` holds (a dict there:
+    :func:`hap.pipeline.run` is handed the data itself and never reads it); each family reads its own fields.
+
+    Stated here, with the library's other option sets, because the library reads it as well as the CLI: the
+    CLI builds its data flags from these defaults and loads a run's data with them (:mod:`hap.cli.sources`,
+    which re-exports it), and :func:`hap.text.run.load_run_data` rebuilds a saved text run's splits from the
+    same record.
+
+    Attributes:
+        data_root: Images: folder holding the dataset files, if not the default.
+        subset: Images: use only N training images (quick runs).
+        text_column, label_column: Text CSV: headers of the texts and labels (default: text, label, ...).
+        classes: Text: labels to keep, in id order (tweets default: negative, positive).
+        balance: Text: down-sample classes to the smallest (``None``: on for tweets, off for a CSV).
+        train_size, val_size, score_size, test_size: Text: at most this many texts per split.
+        new_head: Text: replace a trained classification head by a new one for these labels.
+        task: Text: ``auto`` (read from the model directory's config.json, :func:`hap.cli.sources.detect_task`),
+            ``classification`` or ``causal-lm`` (next-token loss, perplexity; labels ignored, texts packed
+            into ``max_length``-token sequences, :mod:`hap.text.lm_data`). A run records the resolved one.
+    """
+
+    data_root: str | None = None
+    subset: int | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    classes: list[str] | None = None
+    balance: bool | None = None
+    train_size: int = 4000
+    val_size: int = 500
+    score_size: int = 512
+    test_size: int = 1000
+    new_head: bool = False
+    task: str = "auto"

@@ -311,19 +311,8 @@ def write_heads_report(directory: str | Path) -> Path:
             f"{g['name'].split('.layer.')[-1].split('.')[0] if '.layer.' in g['name'] else g['name']}: "
             f"{len(g['kept'])}/{g['size']}" for g in plan["groups"]) + ".",
         "",
-        f"Sensitivity: {sens['method']}, {sens.get('samples', 0)} samples over {sens.get('batches', 0)} batch(es) "
-        f"of the score split, {sens['wall_time_s']:.1f} s"
-        + (f", split-half rank stability {sens['split_half']:.3f}" if sens.get("split_half") is not None else "")
-        + ".",
-        "",
-        "![heads per layer](heads.png)",
-        "",
-        f"Rerun: `{cfg.get('rerun', '')}`",
-        "",
     ]
-    plot_widths(plan, d / "heads.png")
-    lines += _speed_section(d)
-    return atomic_write_text(d / "report.md", "\n".join(lines))
+    return _write_text_report(d, lines, cfg, plan, sens, figure="heads per layer")
 
 
 def write_lm_report(directory: str | Path) -> Path:
@@ -375,12 +364,23 @@ def write_lm_report(directory: str | Path) -> Path:
         "",
         "Kept per layer: " + ", ".join(f"{g['name']}: {len(g['kept'])}/{g['size']}" for g in plan["groups"]) + ".",
         "",
+    ]
+    return _write_text_report(d, lines, cfg, plan, sens, figure="units kept per layer")
+
+
+def _write_text_report(d: Path, lines: list[str], cfg: dict[str, Any], plan: dict[str, Any], sens: dict[str, Any],
+                       figure: str) -> Path:
+    """``d/report.md`` of a text run (a classifier's or a causal LM's): ``lines`` (its title, settings and
+    table), then what both kinds report alike: how the sensitivity was measured, the units kept per layer as
+    ``heads.png`` (``figure``: its caption), the command that reruns it and the "Speed" section."""
+    lines = [
+        *lines,
         f"Sensitivity: {sens['method']}, {sens.get('samples', 0)} samples over {sens.get('batches', 0)} batch(es) "
         f"of the score split, {sens['wall_time_s']:.1f} s"
         + (f", split-half rank stability {sens['split_half']:.3f}" if sens.get("split_half") is not None else "")
         + ".",
         "",
-        "![units kept per layer](heads.png)",
+        f"![{figure}](heads.png)",
         "",
         f"Rerun: `{cfg.get('rerun', '')}`",
         "",

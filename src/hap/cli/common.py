@@ -1,5 +1,7 @@
 """What every ``hap`` command shares: the user error, options generated from config dataclasses, the one
-target parser, the one run-directory guard and commit, OS errors as one line, tables and JSON files.
+target parser, the one run-directory guard and commit, OS errors as one line, tables and JSON files; and
+what the stage commands share between a zoo CNN's run and a text run (:mod:`hap.cli.vision`,
+:mod:`hap.cli.text_runs`): the zoo options, ``--device``, a finished run's files, a model's NaN/inf check.
 
 A run directory is *committed* by ``manifest.json`` (every output's SHA-256), written last
 (:func:`commit_run`). A directory holding a checkpoint but no manifest is an *unfinished* run
@@ -21,11 +23,15 @@ import typing
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["UserError", "parse_target", "check_run_dir", "clear_run_dir", "commit_run", "run_state",
            "os_error_line", "write_json", "print_table", "config_option", "get_path", "set_path", "offline",
-           "MANIFEST", "THREADS_HELP", "verify_run"]
+           "MANIFEST", "THREADS_HELP", "verify_run", "ZOO_OPTIONS", "committed_files", "device_option",
+           "nonfinite_tensor"]
 
 MANIFEST = "manifest.json"  # written last: a run directory holding it is a finished run
 _PENDING = ".commit-pending"  # exists only while a commit is being written
@@ -187,6 +193,50 @@ def verify_run(run: Path, names: Sequence[str] | None = None) -> None:
         if digest is not None and (run / name).is_file() and sha256_file(run / name) != digest:
             raise UserError(f"'{run / name}' does not match its checksum in '{path}' (changed, truncated or "
                             f"corrupted after the run finished): restore it or rerun the command that wrote '{run}'")
+
+
+def committed_files(run: Path) -> list[str]:
+    """The files a finished run's manifest lists (a run of an older hap: the outputs it holds).
+
+    Raises:
+        UserError: ``run`` holds no finished run.
+    """
+    state = run_state(run)
+    if state != "committed":
+        raise UserError(f"'{run}' holds no finished run ({state}): give a directory written by 'hap prune'")
+    if (run / MANIFEST).is_file():
+        return list(json.loads((run / MANIFEST).read_text()).get("files", {}))
+    return [f for f in OUTPUT_FILES if (run / f).is_file()]
+
+
+# the options of a zoo model on image data, with their defaults (what a text run must not be given)
+ZOO_OPTIONS = {"model": "resnet20", "checkpoint": None, "data": "fashion-mnist", "data_root": None, "subset": None}
+
+
+def device_option(args: argparse.Namespace) -> torch.device:
+    """``--device`` (``None``: :attr:`hap.pipeline.RunConfig.device`'s default), checked by its rule.
+
+    Raises:
+        UserError: A device spec the rule refuses.
+    """
+    from ..pipeline import RunConfig, device_problem, resolve_device
+
+    spec = args.device if args.device is not None else RunConfig().device
+    rule = device_problem(spec)
+    if rule:
+        raise UserError(f"--device {spec!r}: {rule}")
+    return resolve_device(spec)
+
+
+def nonfinite_tensor(model: torch.nn.Module) -> str | None:
+    """The name of the first floating-point tensor of ``model``'s state holding NaN/inf (``None``: none)."""
+    import torch
+
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
 
 _OS_HINTS = {
     errno.ENOSPC: "the disk is full: free some space or choose an --out on another disk",

@@ -1,5 +1,6 @@
 """Where ``hap prune`` takes a model and its data from, per unit family: a zoo CNN on an image dataset, or a
-local Hugging Face encoder on labelled text. Everything else of a run is shared (:func:`hap.pipeline.run`)."""
+local Hugging Face encoder on labelled text. Everything else of a run is shared (:func:`hap.pipeline.run`).
+The options saying how a run reads its data, :class:`hap.config.DataOptions`, are the library's (re-exported here)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config
+from ..config import DataOptions  # re-exported: the CLI's data flags and loaders read it
 from ..pipeline import RunConfig
 from .common import UserError
 
@@ -31,37 +32,6 @@ TASKS = ("auto", "classification", CAUSAL_LM)
 def run_defaults(units: str) -> RunConfig:
     """The RunConfig defaults of ``--units`` (the pipeline's, per unit family)."""
     return RunConfig.for_units(units)
-
-
-@dataclass
-class DataOptions(Config):
-    """How the CLI reads the data (``RunConfig.data_options``); each family reads its own fields.
-
-    Attributes:
-        data_root: Images: folder holding the dataset files, if not the default.
-        subset: Images: use only N training images (quick runs).
-        text_column, label_column: Text CSV: headers of the texts and labels (default: text, label, ...).
-        classes: Text: labels to keep, in id order (tweets default: negative, positive).
-        balance: Text: down-sample classes to the smallest (``None``: on for tweets, off for a CSV).
-        train_size, val_size, score_size, test_size: Text: at most this many texts per split.
-        new_head: Text: replace a trained classification head by a new one for these labels.
-        task: Text: ``auto`` (read from the model directory's config.json, :func:`detect_task`),
-            ``classification`` or ``causal-lm`` (next-token loss, perplexity; labels ignored, texts packed
-            into ``max_length``-token sequences, :mod:`hap.text.lm_data`). A run records the resolved one.
-    """
-
-    data_root: str | None = None
-    subset: int | None = None
-    text_column: str | None = None
-    label_column: str | None = None
-    classes: list[str] | None = None
-    balance: bool | None = None
-    train_size: int = 4000
-    val_size: int = 500
-    score_size: int = 512
-    test_size: int = 1000
-    new_head: bool = False
-    task: str = "auto"
 
 
 @dataclass

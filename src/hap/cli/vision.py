@@ -1,4 +1,9 @@
-"""The stage-by-stage commands: sensitivity, train, finetune, eval, report, demo, models."""
+"""The stage-by-stage commands: sensitivity, train, finetune, eval, report, demo, models.
+
+They build and read a zoo CNN's runs; ``finetune`` and ``eval --run`` given a text run (``hap prune --units
+heads[,neurons]``: a classifier or a causal LM) hand it to :mod:`hap.cli.text_runs`, which rebuilds it from
+its own files.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +19,20 @@ from .. import criteria
 from ..config import FISHER_BACKENDS, SensitivityConfig
 from ..train import MEMORY_FORMATS, TrainConfig, VisionTask
 from .common import (
-    MANIFEST,
+    ZOO_OPTIONS,
     UserError,
     check_run_dir,
     commit_run,
+    committed_files,
     config_option,
+    device_option,
+    nonfinite_tensor,
     print_table,
     run_state,
     verify_run,
     write_json,
 )
+from .text_runs import eval_text_run, finetune_text_run, is_text_run
 
 __all__ = ["add_parsers", "COMMANDS"]
 
@@ -54,19 +63,15 @@ _TRAIN = [TrainConfig(epochs=15, lr=0.1, batch_size=128)]
 _FT = [TrainConfig(epochs=1, lr=0.01)]
 
 
-# the options of a zoo model on image data, with their defaults (what a text run must not be given)
-_ZOO_OPTIONS = {"model": "resnet20", "checkpoint": None, "data": "fashion-mnist", "data_root": None, "subset": None}
-
-
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=_ZOO_OPTIONS["data"], help="fashion-mnist (packaged), cifar10 or a folder path")
+    p.add_argument("--data", default=ZOO_OPTIONS["data"], help="fashion-mnist (packaged), cifar10 or a folder path")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files, if not the default")
     p.add_argument("--subset", type=int, default=None, help="use only N training images (quick runs)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
-    p.add_argument("--model", default=_ZOO_OPTIONS["model"], help="model zoo name (see `hap models`)")
+    p.add_argument("--model", default=ZOO_OPTIONS["model"], help="model zoo name (see `hap models`)")
     if checkpoint:
         p.add_argument("--checkpoint", default=None, help="safetensors weights of --model")
 
@@ -184,17 +189,6 @@ def _train_config(args: argparse.Namespace, base: TrainConfig, task: Any, fields
     return task.resolve(cfg)
 
 
-def _device(args: argparse.Namespace) -> torch.device:
-    """``--device`` (``None``: :attr:`hap.pipeline.RunConfig.device`'s default), checked by its rule."""
-    from ..pipeline import RunConfig, device_problem, resolve_device
-
-    spec = args.device if args.device is not None else RunConfig().device
-    rule = device_problem(spec)
-    if rule:
-        raise UserError(f"--device {spec!r}: {rule}")
-    return resolve_device(spec)
-
-
 def _load_data(args: argparse.Namespace):
     import hap.data
 
@@ -283,7 +277,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.subset is not None and args.subset < 1:
         raise UserError(f"--subset {args.subset}: give a positive number of training images")
     tag = {"model": args.model, "data": args.data, "data_root": args.data_root, "subset": args.subset}
-    dev = _device(args)  # a resumed run may continue on another device: not part of the tag
+    dev = device_option(args)  # a resumed run may continue on another device: not part of the tag
     state = check_run_dir(out, args.resume, args.overwrite)
     resume = args.resume and state in ("unfinished", "committed")
     if resume:
@@ -361,18 +355,6 @@ def _load_run(run: str, base: Any):
     return load(d, base)
 
 
-def _committed(run: Path) -> list[str]:
-    """The files a finished run's manifest lists (a run of an older hap: the outputs it holds)."""
-    state = run_state(run)
-    if state != "committed":
-        raise UserError(f"'{run}' holds no finished run ({state}): give a directory written by 'hap prune'")
-    if (run / MANIFEST).is_file():
-        return list(json.loads((run / MANIFEST).read_text()).get("files", {}))
-    from .common import OUTPUT_FILES
-
-    return [f for f in OUTPUT_FILES if (run / f).is_file()]
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a pruned run further; its model, metrics, report and manifest are replaced together."""
     from ..io import save
@@ -382,14 +364,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..train import train
 
     run = Path(args.run)
-    if _is_text_run(run):
-        return _finetune_text_run(args, run)
+    if is_text_run(run):
+        return finetune_text_run(args, run)
     task = VisionTask()
     cfg = _train_config(args, _FT[0], task, ("epochs", "lr", "memory_format"))
     if cfg.epochs == 0:
         raise UserError("--epochs 0 fine-tunes nothing: give --epochs 1 or more")
-    dev = _device(args)
-    files = _committed(run)
+    dev = device_option(args)
+    files = committed_files(run)
     data = _load_data(args)
     model = _load_run(args.run, _build_model(args.model, data, None))
     plan = PruningPlan.load(run / "plan.json")
@@ -415,128 +397,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _nonfinite_tensor(model: torch.nn.Module) -> str | None:
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
-
-
-def _is_text_run(run: Path) -> bool:
-    """A run of ``hap prune --units heads[,neurons]`` (a Hugging Face encoder or causal LM): it holds ``base/``,
-    the unpruned architecture's config and tokenizer, from which :func:`hap.text.load_run` rebuilds it."""
-    return (run / "plan.json").is_file() and (run / "base" / "config.json").is_file()
-
-
-def _load_text_run(run: Path, args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
-    """``(model, tokenizer, task, data)`` of a text run: its saved model and the data it was measured on.
-
-    The zoo model and image-data options name what a CNN run is rebuilt from; a text run rebuilds itself
-    from its own files, so such an option given with it is refused rather than silently ignored.
-    """
-    from ..text.run import load_run, load_run_data
-
-    ignored = [f"--{k.replace('_', '-')}" for k, default in _ZOO_OPTIONS.items()
-               if getattr(args, k, default) != default]
-    if ignored:
-        raise UserError(f"'{run}' is a text run, which reads its own model and data: drop {', '.join(ignored)}")
-    verify_run(run, ["plan.json", "model.safetensors", "config.json"])
-    try:
-        model, tokenizer, names = load_run(run)
-        task, data = load_run_data(run, tokenizer, names)
-    except FileNotFoundError as e:
-        raise UserError(f"{e} (the run reads its data from where 'hap prune' read it)") from e
-    return model, tokenizer, task, data
-
-
-def _eval_text_run(args: argparse.Namespace) -> int:
-    """``hap eval --run`` of a text run: the task's metric (a causal LM: perplexity) on ``--split``, and size."""
-    import sys
-
-    from hap.metrics import count_params
-
-    model, _, task, data = _load_text_run(Path(args.run), args)
-    bad = _nonfinite_tensor(model)
-    if bad is not None:
-        print(f"warning: the model's '{bad}' holds NaN/inf values: its outputs, and the {task.metric} below, mean "
-              "nothing (was the training diverging?)", file=sys.stderr)
-    if not task.has_split(data, args.split) or not data.sizes().get(args.split):
-        raise UserError(f"the run's {args.split} split is empty: evaluate another --split")
-    res = {task.metric: task.metric_value(model, data, args.split), "split": args.split,
-           "n": int(data.sizes()[args.split]), "params": count_params(model)}
-    if task.metric == "ppl":  # what the perplexity averages over: predicted tokens, not rows
-        res["tokens"] = int(task.split_labels(data, args.split).numel())
-    print(json.dumps(res))
-    return 0
-
-
-def _finetune_text_run(args: argparse.Namespace, run: Path) -> int:
-    """``hap finetune`` of a text run (a classifier or a causal LM): its model on its own data, trained by
-    :func:`hap.train.train` with its task (:class:`hap.train.CausalLMTask`: the next-token loss), from the
-    run's fine-tune settings (``--epochs`` / ``--lr`` override them); its model, ``hf/`` (when it has one),
-    metrics, report and manifest are replaced together."""
-    from ..io import save
-    from ..pipeline import RunConfig, on_device
-    from ..planning import PruningPlan
-    from ..report import write_heads_report, write_lm_report
-    from ..train import TextTask, train
-    from .checks import validate_train_config
-    from .prune import RECORD_KEYS, _write_hf
-
-    files = _committed(run)
-    record = json.loads((run / "config.json").read_text())
-    base = RunConfig.from_dict({k: v for k, v in record.items() if k not in RECORD_KEYS}).finetune
-    given = {k: getattr(args, k) for k in ("epochs", "lr") if getattr(args, k) is not None}
-    if "epochs" in given:
-        given["steps"] = None  # --epochs is the budget, not the run's step count
-    cfg = base.replace(seed=args.seed, **given)
-    dev = _device(args)
-    if cfg.steps == 0 or (cfg.steps is None and not cfg.epochs):
-        raise UserError("this fine-tune has no step to take (--epochs 0, or the run's own budget of 0 steps): give "
-                        "--epochs 1 or more")
-    validate_train_config(cfg, TextTask(tokenizer=None))  # a causal LM's rules are the text task's: before the load
-    model, tokenizer, task, data = _load_text_run(run, args)
-    cfg = task.resolve(cfg)
-    plan = PruningPlan.load(run / "plan.json")
-    on = on_device(task, dev)
-    model.to(dev)
-    res = train(model, data, cfg, task=on, progress=not args.no_progress)
-    key = task.metric
-    value = on.metric_value(model, data, "test")
-    val = on.metric_value(model, data, "val") if data.sizes().get("val") else None
-    model.cpu()  # saved from the CPU
-    m = json.loads((run / "metrics.json").read_text())
-    m.setdefault("extra_finetune", []).append({"steps": res.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
-                                               f"test_{key}": value, f"val_{key}": val})
-    m[f"test_{key}"] = value
-    if val is not None:
-        m[f"val_{key}"] = val
-    m["finetune_steps"] = int(m.get("finetune_steps", 0)) + res.steps  # what the report's row counts
-    m.update(task.split_record(data))
-    files = sorted(set(files) | {"metrics.json", "model.safetensors", "plan.json", "report.md"})
-    with commit_run(run, files):
-        save(model, plan, run)
-        if m.get("hf_dir"):  # the plain transformers copy must hold these weights too, never the old ones
-            m.update(_write_hf(run, model, plan, tokenizer, files))
-        write_json(run / "metrics.json", m)
-        (write_lm_report if key == "ppl" else write_heads_report)(run)
-    print(json.dumps({"steps": res.steps, f"test_{key}": value, f"val_{key}": val}))
-    return 0
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import sys
 
     from hap.metrics import count_macs, count_params, latency
 
-    if args.run and _is_text_run(Path(args.run)):
-        return _eval_text_run(args)
+    if args.run and is_text_run(Path(args.run)):
+        return eval_text_run(args)
     data = _load_data(args)
     if args.run:
         model = _load_run(args.run, _build_model(args.model, data, None))
     else:
         model = _build_model(args.model, data, args.checkpoint)
-    bad = _nonfinite_tensor(model)
+    bad = nonfinite_tensor(model)
     if bad is not None:
         print(f"warning: the model's '{bad}' holds NaN/inf values: its outputs, and the accuracy below, mean "
               "nothing (was the training diverging?)", file=sys.stderr)

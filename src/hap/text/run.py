@@ -67,7 +67,7 @@ def load_run_data(directory: str | os.PathLike[str], tokenizer: Any, label_names
     """
     import json
 
-    from ..cli.sources import DataOptions  # the one statement of what a run's data_options hold
+    from ..config import DataOptions  # the one statement of what a run's data_options hold
     from ..train import CausalLMTask, TextTask
     from .data import TWEETS, load_text_data
     from .lm_data import load_lm_texts, pack_texts
