@@ -487,7 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     v = dict(VIT_SMOKE if args.smoke else VIT_FULL)
     settings = {k: list(x) if isinstance(x, tuple) else x for k, x in p.items()} | {"seed": args.seed, "vit": v}
     study = out / "study.json"
-    if study.is_file() and json.loads(study.read_text()) != settings:
+    old = json.loads(study.read_text()) if study.is_file() else None
+    # the ViT's own stages are rebuilt by vit_study when only its settings changed (vit_settings.json)
+    if old is not None and {k: x for k, x in old.items() if k != "vit"} != {k: x for k, x in settings.items()
+                                                                         if k != "vit"}:
         if not args.smoke:
             raise SystemExit(f"{out} holds a study with other settings: pass --out or remove it")
         shutil.rmtree(out)  # a smoke study is disposable
