@@ -15,7 +15,8 @@ Run: ``python benchmarks/hessian_engine.py`` (trains/caches the dense model firs
 ``--epochs`` to pick which cached model, ``--budget`` for the seconds per variant). ``--cost-only`` measures
 just the cost table ((c) gradient, (a) Hutchinson sample, Fisher per example, timed in alternation in one
 process, wall and CPU time) in a minute or two and writes it to ``--out`` (default
-``benchmarks/out/hessian_engine_cost.json``), leaving docs/engine.md alone.
+``benchmarks/out/hessian_engine_cost.json``, and then its table into a marked block at the end of
+docs/engine.md, which the full run keeps).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hap  # noqa: E402
 import hap.data  # noqa: E402
 import hap.models  # noqa: E402
-from _common import OUT, dense_resnet, machine  # noqa: E402
+from _common import OUT, dense_resnet, machine, replace_marked_block  # noqa: E402
 from hap.estimate.fisher import FisherSampler  # noqa: E402
 from hap.estimate.hutchinson import _HVP, _probes, _rademacher, estimate_traces  # noqa: E402
 from hap.estimate.reduce import UnitReducer  # noqa: E402
@@ -220,29 +221,39 @@ def cost_table(model, batches, units, repeats: int, per_batch: int = 8) -> dict:
     return out
 
 
+DOCS_ENGINE = Path(__file__).resolve().parent.parent / "docs" / "engine.md"
+
+
 def _cost_only(a, model, units, batches) -> None:
     load = os.getloadavg()[0]
     c = cost_table(model, batches, units, a.repeats)
     c.update(machine=machine(), load_avg_1min_before=load, load_avg_1min_after=os.getloadavg()[0],
              command=f"python benchmarks/hessian_engine.py {' '.join(sys.argv[1:])}")
     del c["load_before"]
-    print(f"Cost per sample, ResNet-20, batch {c['examples']}, {c['per_batch']} vectors per visit, median of "
-          f"{c['repeats']} alternating repeats ({machine()}; 1-min load average {load:.2f} before, "
-          f"{c['load_avg_1min_after']:.2f} after):")
-    print()
-    print("| estimator | wall ms | CPU ms | ratio (wall) | ratio (CPU) |")
-    print("|---|---:|---:|---:|---:|")
     w, p = c["wall"], c["cpu"]
-    print(f"| (c) plain gradient (forward + backward) | {w['grad_ms']:.1f} | {p['grad_ms']:.1f} | 1.00 x (c) | "
-          "1.00 x (c) |")
-    print(f"| (a) one Hutchinson sample (double backward) | {w['sample_ms']:.1f} | {p['sample_ms']:.1f} | "
-          f"{w['sample_over_grad']:.2f} x (c) | {p['sample_over_grad']:.2f} x (c) |")
-    print(f"| Fisher ({c['fisher_backend']}), per example | {w['fisher_per_example_ms']:.2f} | "
-          f"{p['fisher_per_example_ms']:.2f} | {w['fisher_over_grad_per_example']:.2f} x (c)/B | "
-          f"{p['fisher_over_grad_per_example']:.2f} x (c)/B |")
+    table = "\n".join([
+        "## Cost per sample, timed in alternation (`--cost-only`)", "",
+        f"Command: `python benchmarks/hessian_engine.py --cost-only{' --repeats ' + str(a.repeats)}`. ResNet-20, "
+        f"batch {c['examples']}, {c['per_batch']} vectors per visit, the three jobs run one after the other in each "
+        f"of {c['repeats']} repeats, ratios = medians of the per-repeat ratios ({machine()}; 1-min load average "
+        f"{load:.2f} before, {c['load_avg_1min_after']:.2f} after). This supersedes the cost table above, whose "
+        "gradient and sample were timed at different moments.", "",
+        "| estimator | wall ms | CPU ms | ratio (wall) | ratio (CPU) |",
+        "|---|---:|---:|---:|---:|",
+        f"| (c) plain gradient (forward + backward) | {w['grad_ms']:.1f} | {p['grad_ms']:.1f} | 1.00 x (c) | "
+        "1.00 x (c) |",
+        f"| (a) one Hutchinson sample (double backward) | {w['sample_ms']:.1f} | {p['sample_ms']:.1f} | "
+        f"{w['sample_over_grad']:.2f} x (c) | {p['sample_over_grad']:.2f} x (c) |",
+        f"| Fisher ({c['fisher_backend']}), per example | {w['fisher_per_example_ms']:.2f} | "
+        f"{p['fisher_per_example_ms']:.2f} | {w['fisher_over_grad_per_example']:.2f} x (c)/B | "
+        f"{p['fisher_over_grad_per_example']:.2f} x (c)/B |"])
+    print(table)
     out = Path(a.out) if a.out else OUT / "hessian_engine_cost.json"
     hap._utils.atomic_write_text(out, json.dumps(c, indent=1) + "\n")
     print(f"written: {out}")
+    if not a.out:  # the default run is the documented one
+        replace_marked_block(DOCS_ENGINE, table, "<!-- engine-cost -->")
+        print(f"written: {DOCS_ENGINE}")
 
 
 def stability(model, batches, units, variant: dict, budget: float, seed: int) -> dict:
@@ -394,8 +405,10 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "hessian_engine.json").write_text(json.dumps({"machine": machine(), "cost": c, "stability": rows,
                                                           "budget_s": a.budget}, indent=1, default=float))
-    doc = Path(__file__).resolve().parent.parent / "docs" / "engine.md"
-    hap._utils.atomic_write_text(doc, "\n".join(lines) + "\n")
+    doc = DOCS_ENGINE
+    old = doc.read_text() if doc.is_file() else ""
+    kept = old[old.index("<!-- engine-cost -->"):] if "<!-- engine-cost -->" in old else ""  # --cost-only's block
+    hap._utils.atomic_write_text(doc, "\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     print(f"written: {doc} and {OUT / 'hessian_engine.json'}")
 
 
