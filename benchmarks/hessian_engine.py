@@ -85,14 +85,18 @@ def _time(fn, repeats: int, warmup: bool = True) -> float:
     return float(np.median(ts))
 
 
-def cost_per_sample(model, batches, units, repeats: int, per_batch: int, layer_samples: int = 2) -> dict[str, float]:
+def _probe_setup(model, batches, units):
+    """What both cost tables time on: the units' parameters, their shapes and reducer, the first batch, a
+    seeded generator."""
     named = dict(model.named_parameters())
     names = sorted({s.param for u in units for s in u.slices})
     params = {n: named[n] for n in names}
     shapes = {n: p.shape for n, p in params.items()}
-    reducer = UnitReducer(units, shapes)
-    x, y = batches[0]
-    gen = torch.Generator().manual_seed(0)
+    return names, params, shapes, UnitReducer(units, shapes), batches[0], torch.Generator().manual_seed(0)
+
+
+def cost_per_sample(model, batches, units, repeats: int, per_batch: int, layer_samples: int = 2) -> dict[str, float]:
+    names, params, shapes, reducer, (x, y), gen = _probe_setup(model, batches, units)
     model.eval()
 
     def grad_only():
@@ -169,13 +173,7 @@ def cost_table(model, batches, units, repeats: int, per_batch: int = 8) -> dict:
     on the same batch of ``B`` examples, divided by ``B``, and compared with the gradient per example
     (the batch gradient divided by ``B``).
     """
-    named = dict(model.named_parameters())
-    names = sorted({s.param for u in units for s in u.slices})
-    params = {n: named[n] for n in names}
-    shapes = {n: p.shape for n, p in params.items()}
-    reducer = UnitReducer(units, shapes)
-    x, y = batches[0]
-    gen = torch.Generator().manual_seed(0)
+    names, params, shapes, reducer, (x, y), gen = _probe_setup(model, batches, units)
     stats = SampleStats(len(units))  # rebuilt every round: each summarises one visit's rows
     sampler = FisherSampler(model, F.cross_entropy, params, reducer)
     model.eval()
