@@ -26,7 +26,8 @@ class AttentionLayout:
             for a ``gqa`` KV group).
         style: ``"split"``, ``"fused"``, ``"albert"``, ``"gqa"`` or ``"gpt2"`` (see the module docstring).
         kv_size: Width of one unit in the key/value rows (0: ``head_size``).
-        heads_per_unit: Query heads per unit (``num_key_value_groups`` for ``gqa``, else 1).
+        heads_per_unit: Query heads per unit (``num_key_value_groups`` for ``gqa``, else 1); for ``gqa`` also the
+            layer's number of query slots (the ``query_slots`` family, :mod:`hap.units.decoder`).
     """
 
     name: str

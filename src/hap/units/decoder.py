@@ -11,25 +11,29 @@ Two more layouts for :mod:`hap.units.heads`, found structurally like the encoder
 - ``gpt2``: a module with Conv1D children ``c_attn`` (Q, K and V stacked in its ``3*E`` output columns;
   Conv1D stores its weight transposed, ``(in, out)``) and ``c_proj`` (GPT-2). No GQA.
 
-**A GQA unit is one whole KV group**: one key/value head and its ``n_rep`` query heads (its ``n_rep*d`` rows
-of ``q_proj``, ``d`` rows of ``k_proj`` and ``v_proj``, the same ``n_rep*d`` columns of ``o_proj``). With
-``n_rep == 1`` (plain multi-head attention) that is one head. Why whole groups rather than query heads inside
-a group with the group's K/V kept:
+**A GQA unit is one whole KV group** (``units="heads"``, the default): one key/value head and its ``n_rep``
+query heads (its ``n_rep*d`` rows of ``q_proj``, ``d`` rows of ``k_proj`` and ``v_proj``, the same ``n_rep*d``
+columns of ``o_proj``). With ``n_rep == 1`` (plain multi-head attention) that is one head. Why whole groups
+by default rather than query heads inside a group with the group's K/V kept:
 
 - *Validity for any plan.* HF's ``repeat_kv`` needs every KV head to serve the same number of query heads
   (``num_key_value_groups`` is one integer per layer). Removing whole groups keeps ``n_rep`` and any count
   per layer is valid; removing query heads inside groups is valid only if every group loses the same number,
-  so the unit would have to be "query slot j of every group" (``n_kv`` heads from different groups at once)
-  or the plan equalised after the fact, which overrides the ranking.
+  so the unit has to be "query slot j of every group" (``n_kv`` heads from different groups at once).
 - *What is saved.* A group takes K and V (and their KV-cache memory, the main inference cost GQA exists to
   cut) with it; a query-slot unit removes only Q and O rows/columns, so at equal parameters removed it must
   take ``(2*n_rep + 2)/(2*n_rep)`` times as many heads' outputs, and the KV cache does not shrink at all.
-- *Measured.* ``benchmarks/llm_study.py`` masks the trained study model by L1 both ways at about equal
-  parameters removed (docs/llm.md, "Why a GQA unit is a whole KV group"). On its smoke-size Llama (2 layers,
-  8 query / 2 KV heads, trained 600 steps: ``--smoke --train-steps 600 --part llm``; dense perplexity 56.10),
-  one KV group per layer (10,240 attention parameters) gave 57.62, query slots 57.20 at 8,192 and 58.78 at
-  12,288 parameters (57.99 interpolated at 10,240): the whole group lost less. The margin is small, and an
-  untrained model (30 steps) ordered them the other way, so the two reasons above carry the choice.
+
+**The alternative, a query slot** (``units="query_slots"``, unit kind ``"query_slot"``): slot ``j`` of a layer
+is query head ``j`` of *every* KV group at once (heads ``g*n_rep + j`` for all ``g``): their ``q_proj`` rows (and
+bias) and ``o_proj`` columns; K and V stay. Removing ``r`` slots leaves a valid GQA layout with ``n_rep - r``
+query heads per KV head, so ``num_key_value_groups`` follows. It is there because the two measurements
+disagree: ``benchmarks/llm_study.py`` (``gqa_check``) masks the trained study model by L1 both ways at about
+equal parameters removed; on the smoke-size Llama (2 layers, 8 query / 2 KV heads) the whole group lost
+slightly less, on the 10M-parameter study Llama query slots lost less (docs/llm.md, "The GQA unit"). Groups
+stay the default for the KV cache they free; slots are for a parameter or compute budget. A layer keeps at
+least one slot: a slot unit never empties a layer (removing every slot is refused; the planner keeps one unit
+per group anyway) — to drop a layer's attention, remove its KV groups.
 
 A decoder layer that loses every unit gets :class:`HeadlessDecoderAttention`: a zero-head attention outputs
 nothing, so the block adds ``o_proj``'s bias (zero when it has none). Its projections stay as zero-width
@@ -50,7 +54,7 @@ from ._sliced import is_conv1d, keep_linear
 from .base import ROLE_IN, ROLE_OUT, ParamSlice, UnsupportedLayerError
 
 __all__ = ["HeadlessDecoderAttention", "decoder_geometry", "decoder_slices", "prune_decoder_heads",
-           "GQA_PARTS", "GPT2_PARTS"]
+           "slot_rows", "slot_slices", "prune_decoder_slots", "GQA_PARTS", "GPT2_PARTS"]
 
 GQA_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 GPT2_PARTS = ("c_attn", "c_proj")
@@ -219,3 +223,53 @@ def prune_decoder_heads(model: nn.Module, lay: AttentionLayout, keep: Sequence[i
                 setattr(core, attr, n)
     if not keep and not isinstance(core, HeadlessDecoderAttention):
         _set_module(model, lay.core, HeadlessDecoderAttention(core, parts, lay.heads_per_unit))
+
+
+# --------------------------------------------------------------------------------------------------
+# query slots (see the module docstring): query head j of every KV group, K/V kept
+
+
+def slot_rows(lay: AttentionLayout, slots: Sequence[int]) -> list[int]:
+    """``q_proj`` rows (= ``o_proj`` columns) of query slots ``slots`` (sorted) in every KV group of the ``gqa``
+    layout ``lay``, in ascending order: group-major, the order ``repeat_kv`` expects the query heads in."""
+    d, n_rep = lay.kv_size, lay.heads_per_unit
+    return [i for g in range(lay.num_heads) for j in slots for i in range((g * n_rep + j) * d, (g * n_rep + j + 1) * d)]
+
+
+def slot_slices(lay: AttentionLayout, slot: int, params: Mapping[str, Any]) -> tuple[ParamSlice, ...]:
+    """The parameter slices of query slot ``slot`` of a ``gqa`` layout: ``q_proj`` rows (and bias), ``o_proj``
+    columns of query head ``slot`` in every KV group; nothing of ``k_proj``/``v_proj``."""
+    idx = tuple(slot_rows(lay, [slot]))
+    out = [ParamSlice(f"{lay.query}.weight", 0, idx, ROLE_OUT)]
+    if f"{lay.query}.bias" in params:
+        out.append(ParamSlice(f"{lay.query}.bias", 0, idx, ROLE_OUT))
+    out.append(ParamSlice(f"{lay.output}.weight", 1, idx, ROLE_IN))
+    return tuple(out)
+
+
+def prune_decoder_slots(model: nn.Module, lay: AttentionLayout, keep: Sequence[int]) -> None:
+    """Keep only query slots ``keep`` (sorted, not empty) of the ``gqa`` layout ``lay``, in place.
+
+    Every KV group keeps the same query heads, so the layer stays a valid GQA layout: ``num_key_value_groups``
+    becomes ``len(keep)`` and any integer query-head count (``num_heads``/``num_attention_heads``, where the
+    module has one) ``n_kv * len(keep)``; K and V are untouched.
+
+    Raises:
+        ValueError: ``keep`` is empty (a layer keeps at least one slot), or ``lay`` is not a ``gqa`` layout.
+    """
+    if lay.style != "gqa":
+        raise ValueError(f"'{lay.name}' is {lay.style!r} attention: only grouped-query (gqa) layouts have query slots")
+    if not keep:
+        raise ValueError(
+            f"cannot remove all {lay.heads_per_unit} query slots of '{lay.name}': a layer keeps at least one "
+            "(to drop its attention, remove its KV groups with units='heads')"
+        )
+    named = dict(model.named_modules())
+    core = named[lay.core]
+    rows = torch.tensor(slot_rows(lay, keep), dtype=torch.long)
+    keep_linear(named[lay.query], rows, 0, True)
+    keep_linear(named[lay.output], rows, 1, False)
+    core.num_key_value_groups = len(keep)
+    for attr in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(core, attr, None), int):
+            setattr(core, attr, lay.num_heads * len(keep))
