@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -294,6 +295,81 @@ def row(model: Any, method: str, target: float, calib: list[Any], test: list[Any
     return r
 
 
+UNIT_CHECK = {"heads": (1,), "query_slots": (2, 3)}  # units removed per layer: 1 KV group sits between 2 and 3 slots
+
+
+def unit_check(model: Any, calib: list[Any], test: list[Any], out: Path, seeds: tuple[int, ...] = (0, 1)
+               ) -> dict[str, Any]:
+    """The two GQA units through the real path: HAP (Fisher) scores on the calibration sequences (per seed),
+    an even plan removing ``k`` units from every layer, perplexity one-shot and after ``hap.repair`` (cached)."""
+    path = out / "unit_check.json"
+    res: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    attn = model.model.layers[0].self_attn
+    lay = attention_layouts(model)[0]
+    hd, hidden, n_layers = attn.head_dim, model.config.hidden_size, len(model.model.layers)
+    q_per_kv = lay.query_heads // lay.num_heads
+    unit_params = {"heads": (2 * q_per_kv + 2) * hd * hidden,  # a group: its query heads' q rows and o columns, k, v
+                   "query_slots": 2 * lay.num_heads * hd * hidden}  # a slot: one query head per group, q rows + o cols
+    total = params(model)
+    for seed in seeds:
+        for units, ks in UNIT_CHECK.items():
+            sens = None
+            for k in ks:
+                key = f"{units}_k{k}_s{seed}"
+                if key in res:
+                    continue
+                t0 = time.perf_counter()
+                if sens is None:
+                    sens = hap.sensitivity(model, causal_lm_loss, calib, units=units, method="hap-fisher",
+                                           max_samples=64, max_batches=len(calib), seed=seed, progress=False)
+                frac = k * unit_params[units] * n_layers / total
+                plan = hap.plan(model, sens, hap.Target(params=frac), allocation="even", tol=0.002)
+                small = hap.prune(model, plan)
+                r = {"units": units, "k": k, "seed": seed, "params_removed": total - params(small),
+                     "query_heads": attention_layouts(small)[0].query_heads,
+                     "kv_heads": attention_layouts(small)[0].num_heads, "ppl_oneshot": perplexity(small, test)}
+                hap.repair(small, model, calib, plan=plan, progress=False)
+                r.update(ppl_repair=perplexity(small, test), seconds=time.perf_counter() - t0)
+                res[key] = r
+                write_json(path, res)
+                print(f"unit check {key}: -{r['params_removed']} params, ppl {r['ppl_oneshot']:.2f} -> repair "
+                      f"{r['ppl_repair']:.2f}", flush=True)
+    return res
+
+
+def unit_check_lines(uc: dict[str, Any]) -> list[str]:
+    """docs/llm.md's table of :func:`unit_check`, with the slots interpolated to the group's parameters."""
+    if not uc:
+        return []
+    lines = ["", "The same question through the real path (HAP (Fisher) scores, an even plan, `hap.repair`), for two "
+             "seeds of the Fisher's sampled labels (the same calibration sequences):", "",
+             "| unit | removed per layer | params removed | q / kv heads | seed | one-shot | + repair |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    for r in sorted(uc.values(), key=lambda r: (r["units"] != "heads", r["k"], r["seed"])):
+        what = "KV group" if r["units"] == "heads" else "query slot"
+        lines.append(f"| {what} | {r['k']} | {r['params_removed']} | {r['query_heads']} / {r['kv_heads']} | "
+                     f"{r['seed']} | {r['ppl_oneshot']:.2f} | {r['ppl_repair']:.2f} |")
+    verdicts = []
+    for col in ("ppl_oneshot", "ppl_repair"):
+        gaps = []
+        for seed in sorted({r["seed"] for r in uc.values()}):
+            g = [r for r in uc.values() if r["units"] == "heads" and r["seed"] == seed]
+            sl = sorted((r["params_removed"], r[col]) for r in uc.values() if r["units"] == "query_slots"
+                        and r["seed"] == seed)
+            if not g or len(sl) < 2:
+                continue
+            (p0, y0), (p1, y1) = sl[0], sl[-1]
+            at = y0 + (y1 - y0) * (g[0]["params_removed"] - p0) / max(p1 - p0, 1)
+            gaps.append(g[0][col] - at)
+        if gaps:
+            verdicts.append(f"{'one-shot' if col == 'ppl_oneshot' else 'after repair'}: whole KV group minus "
+                            f"interpolated query slots = {np.mean(gaps):+.2f} perplexity (seeds: "
+                            f"{', '.join(f'{x:+.2f}' for x in gaps)}; positive: slots better)")
+    if verdicts:
+        lines += ["", "At equal parameters, " + "; ".join(verdicts) + "."]
+    return lines
+
+
 def control(model: Any, test: list[Any], train_rows: torch.Tensor, p: dict[str, Any], out: Path, seed: int):
     path = out / "control.json"
     if path.is_file():
@@ -306,7 +382,7 @@ def control(model: Any, test: list[Any], train_rows: torch.Tensor, p: dict[str, 
 
 
 def document(p: dict[str, Any], dense: dict[str, Any], ctrl: dict[str, Any], gqa: dict[str, Any],
-             rows: list[dict[str, Any]]) -> str:
+             rows: list[dict[str, Any]], uc: dict[str, Any] | None = None) -> str:
     lines = [
         "## Llama (GQA) on tweets",
         "",
@@ -348,6 +424,7 @@ def document(p: dict[str, Any], dense: dict[str, Any], ctrl: dict[str, Any], gqa
                 else f"{k.rsplit('_', 1)[1]} query slot(s) per group")
         lines.append(f"| {what} | {v['params']} | {v['ppl']:.2f} |")
     lines += ["", gqa_verdict(gqa)]
+    lines += unit_check_lines(uc or {})
     return "\n".join(lines) + "\n"
 
 
@@ -365,9 +442,8 @@ def gqa_verdict(gqa: dict[str, Any]) -> str:
             f"{at:.2f} against {g['ppl']:.2f} for the whole group: **{better}** measured better on this model "
             "(one model, one seed, L1 masking, no repair). hap's decoder unit is the whole KV group because only it "
             "shrinks the KV cache (memory and bandwidth at generation time), and any number of them leaves a valid GQA "
-            "layout (a query-slot unit would have to take one slot from every group at once); a query-slot unit is "
-            "not built" + (" yet; this measurement says it should be "
-            "offered." if better == "query slots" else "."))
+            "layout; `units=\"query_slots\"` (one query head of every group at once, K/V kept) is the alternative, "
+            "compared through the real path below.")
 
 
 VIT_FULL = dict(hidden=96, layers=4, heads=4, inter=384, subset=12000, epochs=8, lr=1e-3, ft_steps=100, ft_lr=2e-4,
@@ -522,6 +598,7 @@ def llm_part(p: dict[str, Any], out: Path, args: argparse.Namespace) -> str:
     test = batches(packed(tok, data.split("test")[0], p["seq"])[: p["test"]], 32)
     print(f"dense: {dense['params'] / 1e6:.2f}M params, {dense['seconds']:.0f} s training", flush=True)
     gqa = gqa_check(model, test, out)
+    uc = unit_check(model, calib, test, out)
     ctrl = control(model, test, train_rows, p, out, args.seed)
     rows = []
     for target in p["targets"]:
@@ -530,7 +607,7 @@ def llm_part(p: dict[str, Any], out: Path, args: argparse.Namespace) -> str:
             print(f"{method} p{target}: ppl {r['ppl_oneshot']:.2f} -> repair {r['ppl_repair']:.2f} -> ft "
                   f"{r['ppl_ft']:.2f} (dense {ctrl['ppl_dense']:.2f})", flush=True)
             rows.append(r)
-    return document(p, dense, ctrl, gqa, rows)
+    return document(p, dense, ctrl, gqa, rows, uc)
 
 
 if __name__ == "__main__":
