@@ -366,7 +366,12 @@ def unit_check_lines(uc: dict[str, Any]) -> list[str]:
                             f"interpolated query slots = {np.mean(gaps):+.2f} perplexity (seeds: "
                             f"{', '.join(f'{x:+.2f}' for x in gaps)}; positive: slots better)")
     if verdicts:
-        lines += ["", "At equal parameters, " + "; ".join(verdicts) + "."]
+        lines += ["", "At equal parameters, " + "; ".join(verdicts) + ".", "",
+                  "**The choice.** Both units are offered: `units=\"heads\"` (the default) removes whole KV groups, "
+                  "the only unit that shrinks the KV cache (memory and bandwidth per generated token, often what limits "
+                  "serving); `units=\"query_slots\"` keeps K/V and removes one query head of every group, which "
+                  "the table measures as the better perplexity at equal parameters, by a margin that repair mostly "
+                  "closes. Prune slots for quality at a parameter budget, groups when the KV cache is the budget."]
     return lines
 
 
