@@ -368,8 +368,8 @@ def unit_check_lines(uc: dict[str, Any]) -> list[str]:
     if verdicts:
         lines += ["", "At equal parameters, " + "; ".join(verdicts) + ".", "",
                   "**The choice.** Both units are offered: `units=\"heads\"` (the default) removes whole KV groups, "
-                  "the only unit that shrinks the KV cache (memory and bandwidth per generated token, often what limits "
-                  "serving); `units=\"query_slots\"` keeps K/V and removes one query head of every group, which "
+                  "the only unit that shrinks the KV cache (memory and bandwidth per generated token, often what "
+                  "limits serving); `units=\"query_slots\"` keeps K/V and removes one query head of every group, which "
                   "the table measures as the better perplexity at equal parameters, by a margin that repair mostly "
                   "closes. Prune slots for quality at a parameter budget, groups when the KV cache is the budget."]
     return lines
