@@ -44,7 +44,9 @@ class RunConfig(Config):
     """Everything that defines one pruning run; a run directory's ``config.json`` is its ``to_dict()``.
 
     Attributes:
-        units: The unit family pruned: ``"channels"`` (CNNs) or ``"heads"`` (attention heads).
+        units: The unit family pruned (a key of :data:`UNIT_DEFAULTS`): ``"channels"`` (CNNs), ``"heads"``
+            (attention heads; whole KV groups under GQA) or ``"query_slots"`` (GQA query slots), the last two
+            optionally with ``",neurons"``.
         target: One of ``{"params"|"flops"|"channels"|"heads"|"latency": fraction removed}`` (:class:`hap.Target`;
             ``latency`` is predicted from a per-layer latency table measured once on this machine).
         sensitivity: How units are scored (criterion = ``sensitivity.method``); its ``units`` and ``seed``
@@ -158,10 +160,30 @@ def _width_defaults() -> RunConfig:
                         plan=base.plan.replace(rank_by="score_per_param"))
 
 
+def _slots_defaults() -> RunConfig:
+    """Query slots (grouped-query attention, K/V kept): the heads defaults under a parameter target.
+
+    No ``heads=`` target counts query slots, so the budget is parameters; 5% is about half the query heads of
+    a Llama-3-8B-shaped model (the query and output projections are ~15% of a layer's weights), the same
+    share of heads as the heads default's ``heads=0.5``.
+    """
+    base = _heads_defaults()
+    return base.replace(units="query_slots", target={"params": 0.05},
+                        sensitivity=base.sensitivity.replace(units="query_slots"))
+
+
+def _slots_width_defaults() -> RunConfig:
+    """Query slots and FFN neurons together: the ``heads,neurons`` defaults (see :func:`_width_defaults`)."""
+    base = _width_defaults()
+    return base.replace(units="query_slots,neurons", sensitivity=base.sensitivity.replace(units="query_slots,neurons"))
+
+
 UNIT_DEFAULTS = {
     "channels": lambda: RunConfig(model="resnet20", data="fashion-mnist"),
     "heads": _heads_defaults,
     "heads,neurons": _width_defaults,
+    "query_slots": _slots_defaults,
+    "query_slots,neurons": _slots_width_defaults,
 }
 
 
@@ -194,6 +216,22 @@ def score_units(model: nn.Module, task: Task, data: Any, cfg: RunConfig, progres
     if hasattr(batches, "texts"):
         sens.settings.update(examples=len(batches.texts), max_length=getattr(task, "max_length", None))
     return sens
+
+
+def _query_heads(model: nn.Module, slots: list[Any]) -> dict[str, Any]:
+    """Query heads before and after a query-slot plan: per layer, its KV heads times the slots kept.
+
+    A slot group's ``size`` counts slots (query heads per KV head), which says nothing of the layer's
+    width on its own; the query heads are what a user compares with the model's config.
+    """
+    from .units import attention_layouts
+
+    kv = {lay.name: lay.num_heads for lay in attention_layouts(model)}
+    per_layer = {g.name: kv[g.name] * len(g.kept) for g in slots}
+    base = sum(kv[g.name] * g.size for g in slots)
+    kept = sum(per_layer.values())
+    return {"query_heads_base": base, "query_heads": kept, "query_heads_removed": 1 - kept / max(1, base),
+            "query_heads_per_layer": per_layer, "kv_heads": sum(kv[g.name] for g in slots)}
 
 
 REPAIRS = ("lsq",)
@@ -346,8 +384,9 @@ def run(
             metrics); ``None``: :func:`hap._utils.default_threads` (a resumed fine-tune: the count it started with).
 
     Returns:
-        ``(pruned model (on the CPU), plan, sensitivity, metrics)``; metrics hold params/MACs (and heads) before and
-        after, accuracy after surgery (``*_oneshot``), after the fine-tune (``val_acc``, ``test_acc``),
+        ``(pruned model (on the CPU), plan, sensitivity, metrics)``; metrics hold params/MACs (and heads, or for
+        query slots the query heads: ``query_heads*``) before and after, accuracy after surgery (``*_oneshot``),
+        after the fine-tune (``val_acc``, ``test_acc``),
         CPU latency (``latency_ms``, ``latency_ms_base``, ``speedup``) and timings.
     """
     t0 = time.perf_counter()
@@ -410,6 +449,9 @@ def run(
         m["heads"] = m["heads_base"] - sum(len(g.removed) for g in heads)
         m["heads_removed"] = p.heads_removed
         m["heads_per_layer"] = {g.name: len(g.kept) for g in heads}
+    slots = [g for g in p.groups if g.kind == "query_slot"]
+    if slots:  # a slot is one query head of every KV group: count the query heads (K/V heads all stay)
+        m.update(_query_heads(model, slots))
     m["params_base"], m["params"] = count_params(model), count_params(small)
     m["params_removed"] = 1 - m["params"] / m["params_base"]
     if example is None:

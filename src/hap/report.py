@@ -297,7 +297,9 @@ def write_heads_report(directory: str | Path) -> Path:
         "",
         "| | dense | pruned |",
         "|---|---:|---:|",
-        f"| attention heads | {m['heads_base']} | {m['heads']} ({100 * m['heads_removed']:.1f}% removed) |",
+        f"| attention heads | {m['heads_base']} | {m['heads']} ({100 * m['heads_removed']:.1f}% removed) |"
+        if "heads_base" in m else f"| query heads (query slots; all {m['kv_heads']} K/V heads kept) | "
+        f"{m['query_heads_base']} | {m['query_heads']} ({100 * m['query_heads_removed']:.1f}% removed) |",
         f"| parameters | {m['params_base']:,} | {m['params']:,} ({100 * m['params_removed']:.1f}% removed) |",
         f"| MACs per example ({m.get('macs_seq_len')} tokens) | {m['macs_base']:,} | {m['macs']:,} "
         f"({100 * m['macs_removed']:.1f}% removed) |",
@@ -319,7 +321,8 @@ def write_lm_report(directory: str | Path) -> Path:
     """``report.md`` of a causal-LM run (``hap prune`` on a decoder LLM) from its saved files, and ``heads.png``.
 
     Perplexities where a classifier's report has accuracies (lower is better), the attention units (whole
-    KV groups under grouped-query attention) and feed-forward neurons kept, and whether the run holds
+    KV groups under grouped-query attention; a query-slot run: the query heads) and feed-forward neurons
+    kept, and whether the run holds
     ``hf/`` (a plain ``transformers`` directory; written only when every layer kept the same widths).
     """
     d = Path(directory)
@@ -333,6 +336,8 @@ def write_lm_report(directory: str | Path) -> Path:
     rows = [
         f"| attention units (heads; whole KV groups under GQA) | {m['heads_base']} | {m['heads']} "
         f"({100 * m['heads_removed']:.1f}% removed) |" if "heads_base" in m else None,
+        f"| query heads (query slots; all {m['kv_heads']} K/V heads kept) | {m['query_heads_base']} | "
+        f"{m['query_heads']} ({100 * m['query_heads_removed']:.1f}% removed) |" if "query_heads_base" in m else None,
         f"| feed-forward neurons | {m['neurons_base']} | {m['neurons']} ({100 * m['neurons_removed']:.1f}% removed) |"
         if "neurons_base" in m else None,
         f"| parameters | {m['params_base']:,} | {m['params']:,} ({100 * m['params_removed']:.1f}% removed) |",
@@ -362,7 +367,9 @@ def write_lm_report(directory: str | Path) -> Path:
         "",
         hf,
         "",
-        "Kept per layer: " + ", ".join(f"{g['name']}: {len(g['kept'])}/{g['size']}" for g in plan["groups"]) + ".",
+        "Kept per layer: " + ", ".join(f"{g['name']}: {len(g['kept'])}/{g['size']}"
+                                       + (" query slots" if g.get("kind") == "query_slot" else "")
+                                       for g in plan["groups"]) + ".",
         "",
     ]
     return _write_text_report(d, lines, cfg, plan, sens, figure="units kept per layer")

@@ -24,7 +24,7 @@ from hap.text.lm_data import load_lm_texts, pack_texts  # noqa: E402
 from hap.train import CausalLMTask  # noqa: E402
 
 from .._tiny_llm import VOCAB, make_decoder  # noqa: E402
-from ..text.conftest import WORDS, write_csv  # noqa: E402
+from ..text.conftest import WORDS, save_model_dir, write_csv  # noqa: E402
 
 EOS = "<|endoftext|>"
 FAST = ["--finetune-steps", "2", "--max-samples", "4", "--sens-batches", "2", "--sens-batch-size", "2",
@@ -124,6 +124,99 @@ def test_per_layer_widths_skip_hf_with_the_reason(llama_dir, texts, tmp_path):
     assert len({len(g["kept"]) for g in heads}) > 1  # the global ranking kept different head counts per layer
     assert m["hf_dir"] is None and "differ per layer" in m["hf_skipped"] and not (out / "hf").exists()
     assert m["hf_skipped"] in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("target, tol", [("0.2", "0.15"), ("0.4", "0.1")])
+def test_query_slots_prune_a_gqa_lm_end_to_end_with_query_heads_and_hf(llama_dir, texts, tmp_path, capsys,
+                                                                        target, tol):
+    """``--units query_slots,neurons``: query head j of every KV group (K/V kept) with the FFN neurons; the
+    metrics count query heads (KV heads x slots kept), and the even plan's ``hf/`` loads in transformers.
+
+    At 20% the scores may spend the budget on neurons alone; at 40% +- 10% they cannot (every layer keeps a
+    neuron, so the neurons are at most 2 x 23 x 96 = 29% of the 15k parameters): slots go too."""
+    out = tmp_path / "run"
+    assert main(["prune", "--units", "query_slots,neurons", "--model", str(llama_dir), "--data", str(texts),
+                 "--target", f"params={target}", "--tol", tol, "--allocation", "even", "--out", str(out),
+                 *FAST]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    for k in ("dense_test_ppl", "test_ppl_oneshot", "test_ppl", "val_ppl"):
+        assert math.isfinite(m[k]) and m[k] > 1.0, k
+    slots = [g for g in plan["groups"] if g["kind"] == "query_slot"]
+    assert slots and not any(g["kind"] == "head" for g in plan["groups"]) and "heads_base" not in m
+    assert m["params_removed"] == pytest.approx(float(target), abs=float(tol))
+
+    skeleton = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(out / "base"))
+    model = hap.load(out, skeleton).eval()
+    attn = [layer.self_attn for layer in model.model.layers]
+    n_kv = [a.k_proj.out_features // a.head_dim for a in attn]
+    assert n_kv == [2, 2]  # K/V untouched
+    # the counts are the saved model's query heads, and the dense model's (4 per layer)
+    assert m["query_heads"] == sum(a.q_proj.out_features // a.head_dim for a in attn) <= m["query_heads_base"] == 8
+    assert m["query_heads"] < 8 or target == "0.2"
+    assert m["query_heads_per_layer"] == {g["name"]: 2 * len(g["kept"]) for g in slots} and m["kv_heads"] == 4
+    assert m["query_heads_removed"] == pytest.approx(1 - m["query_heads"] / 8)
+    assert f"query heads 8 -> {m['query_heads']}" in printed
+
+    report = (out / "report.md").read_text()
+    assert f"| query heads (query slots; all 4 K/V heads kept) | 8 | {m['query_heads']} " in report
+    assert f"{m['test_ppl']:.3f}" in report and "query slots" in report.split("Kept per layer:")[1]
+    assert m["hf_dir"] == "hf" and "`hf/`" in report
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    assert hf.config.num_attention_heads * len(attn) == m["query_heads"] and hf.config.num_key_value_heads == 2
+    ids = torch.arange(1, 11).view(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-10, atol=1e-10)
+    rerun = shlex.split(json.loads((out / "config.json").read_text())["rerun"])
+    assert rerun[:4] == ["hap", "prune", "--units", "query_slots,neurons"]
+    assert main(["report", str(out)]) == 0 and (out / "report.md").read_text() == report
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--threads", "1"]) == 0  # hap.text.load_run replays the slots
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["ppl"] == pytest.approx(m["test_ppl"], rel=1e-9) and got["params"] == m["params"]
+
+
+@pytest.mark.parametrize("units, arch, needle", [
+    ("query_slots", "gpt2", "'transformer.h.0.attn' is 'gpt2' attention"),  # fused Q|K|V, no GQA
+    ("query_slots,neurons", "gpt2", "'transformer.h.0.attn' is 'gpt2' attention"),
+    ("query_slots", "bert", "'bert.encoder.layer.0.attention' is"),  # an encoder classifier, refused before training
+])
+def test_query_slots_on_a_model_without_gqa_is_one_line_naming_heads(tmp_path, texts, capsys, units, arch, needle):
+    d = tmp_path / arch
+    if arch == "bert":
+        save_model_dir(d)
+    else:
+        make_decoder(arch).save_pretrained(d)
+        make_lm_tokenizer().save_pretrained(d)
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["prune", "--units", units, "--model", str(d), "--data", str(texts), "--target", "params=0.1",
+                 "--out", str(tmp_path / "r"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"hap prune: error: --units {units}: "), err
+    assert needle in err
+    assert err.endswith(f"pass --units {units.replace('query_slots', 'heads')} (whole heads; KV groups under GQA)")
+    assert not any((tmp_path / "r").iterdir())  # refused right after loading: nothing written
+
+
+def test_query_slots_on_multi_head_attention_name_heads():
+    """A Llama with as many KV heads as query heads has one slot per layer: none could ever be removed."""
+    from hap.cli.common import UserError
+    from hap.cli.sources import check_units
+
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, intermediate_size=8)
+    model = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(UserError, match=r"one query head per KV head.*: pass --units heads,neurons \(whole"):
+        check_units("query_slots,neurons", model)
+    check_units("heads,neurons", model)  # other families are not asked
+
+
+def test_query_slots_refuse_a_heads_target(llama_dir, texts, tmp_path, capsys):
+    assert main(["prune", "--units", "query_slots", "--model", str(llama_dir), "--data", str(texts),
+                 "--target", "heads=0.5", "--out", str(tmp_path / "r"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "heads" in err and "params" in err
 
 
 def test_the_task_is_read_from_the_directory_and_can_be_overridden(llama_dir, tmp_path):

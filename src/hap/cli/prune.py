@@ -1,4 +1,5 @@
-"""``hap prune`` (``--units channels|heads|heads,neurons``) and its alias ``hap heads``: one run directory per run.
+"""``hap prune`` (``--units channels|heads|heads,neurons|query_slots|query_slots,neurons``) and its alias
+``hap heads``: one run directory per run.
 
     OUT/config.json        the resolved RunConfig (``hap prune --config OUT/config.json --out NEW`` reruns
                            it), plus what was found while loading (label names, data splits, ...)
@@ -113,6 +114,8 @@ PRUNE_EXAMPLE = """example:
   hap prune --units heads,neurons --model minilm --data tweets --target flops=0.4 --out runs/width-f40
   hap prune --units heads,neurons --model path/to/llama_dir --data tweets --target params=0.2 \\
       --allocation even --out runs/llm-20     # a causal LM (detected, or --task causal-lm): perplexity; hf/
+  hap prune --units query_slots,neurons --model path/to/llama_dir --data tweets --target params=0.2 \
+      --allocation even --out runs/llm-slots-20   # GQA: query heads of every KV group, K/V (and KV cache) kept
   hap prune --config runs/hap-p50/config.json --out runs/hap-p50-again"""
 HEADS_EXAMPLE = """example:
   hap heads --model minilm --data tweets --target heads=0.6 --out runs/heads-hap-60
@@ -167,7 +170,8 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=PRUNE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--units", default=None, choices=list(TARGETS),
                    help="what is pruned (heads,neurons: attention heads and feed-forward neurons ranked "
-                   "together; default: heads for 'minilm' or a model directory, else channels)")
+                   "together; query_slots: under grouped-query attention, query head j of every KV group at "
+                   "once, K/V kept; default: heads for 'minilm' or a model directory, else channels)")
     p.add_argument("--config", default=None, help="a run's config.json: rerun it (options given here override it)")
     p.add_argument("--model", default=None, help="zoo name (`hap models`; default resnet20), 'minilm' or a local "
                    "Hugging Face model directory (a classifier or encoder, or a causal LM: see --task)")
@@ -368,7 +372,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         (write_lm_report if lm else write_heads_report if heads else write_run_report)(out)
     m = metrics
     if lm:
-        print(f"heads {m['heads_base']} -> {m['heads']} ({100 * m['heads_removed']:.1f}% removed)"
+        print(_attention_line(m)
               + (f", feed-forward neurons {m['neurons_base']} -> {m['neurons']}" if "neurons" in m else "")
               + f", params -{100 * m['params_removed']:.1f}%; test perplexity (lower is better) dense "
               f"{m['dense_test_ppl']:.3f}, after pruning {m['test_ppl_oneshot']:.3f}, after {m['finetune_steps']} "
@@ -376,7 +380,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if m.get("hf_skipped"):
             print(f"note: hf/ not written: {m['hf_skipped']}", file=sys.stderr)
     elif heads:
-        print(f"heads {m['heads_base']} -> {m['heads']} ({100 * m['heads_removed']:.1f}% removed), "
+        print(f"{_attention_line(m)}, "
               f"params -{100 * m['params_removed']:.1f}%; test accuracy dense {m['dense_test_acc']:.4f}, after "
               f"pruning {m['test_acc_oneshot']:.4f}, after {m['finetune_steps']} fine-tune steps "
               f"{m['test_acc']:.4f}; CPU speed-up {m['speedup']:.2f}x")
@@ -399,6 +403,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"written: {out}/{{config.json,sensitivity.json,plan.json,model.safetensors,metrics.json,report.md"
           + (",hf/" if lm and m.get("hf_dir") else "") + "}")
     return 0
+
+
+def _attention_line(m: dict[str, Any]) -> str:
+    """What the run kept of attention: heads (KV groups under GQA), or the query heads of a query-slot run."""
+    if "query_heads_base" in m:
+        return (f"query heads {m['query_heads_base']} -> {m['query_heads']} "
+                f"({100 * m['query_heads_removed']:.1f}% removed; {m['kv_heads']} K/V heads kept)")
+    return f"heads {m['heads_base']} -> {m['heads']} ({100 * m['heads_removed']:.1f}% removed)"
 
 
 def _write_hf(out: Path, small: Any, plan: Any, tokenizer: Any, outputs: list[str]) -> dict[str, Any]:

@@ -15,14 +15,16 @@ from ..config import DataOptions  # re-exported: the CLI's data flags and loader
 from ..pipeline import RunConfig
 from .common import UserError
 
-__all__ = ["DataOptions", "Loaded", "load_source", "run_defaults", "detect_task", "TARGETS", "TEXT_UNITS", "TASKS",
-           "CAUSAL_LM"]
+__all__ = ["DataOptions", "Loaded", "load_source", "run_defaults", "detect_task", "check_units", "TARGETS",
+           "TEXT_UNITS", "TASKS", "CAUSAL_LM"]
 
 # target kinds each unit family (or joint set of families) accepts on the command line
 TARGETS = {"channels": ("params", "flops", "channels", "latency"), "heads": ("heads",),
-           "heads,neurons": ("flops", "params", "heads")}
+           "heads,neurons": ("flops", "params", "heads"),
+           # a heads= target counts head (KV-group) units, not query slots: a slot run has a weight budget
+           "query_slots": ("params", "flops"), "query_slots,neurons": ("params", "flops")}
 # unit families pruned on a Hugging Face encoder (text data) rather than a zoo CNN
-TEXT_UNITS = ("heads", "heads,neurons")
+TEXT_UNITS = ("heads", "heads,neurons", "query_slots", "query_slots,neurons")
 CAUSAL_LM = "causal-lm"
 # what a Hugging Face model directory is pruned as: auto (read from its config.json), a sequence classifier
 # (hap.train.TextTask, accuracy) or a decoder LLM (hap.train.CausalLMTask, perplexity)
@@ -46,6 +48,30 @@ class Loaded:
     metrics: dict[str, Any] = field(default_factory=dict)
     dense_test_acc: float | None = None
     tokenizer: Any = None
+
+
+def check_units(units: str, model: Any) -> None:
+    """Refuse ``--units query_slots...`` on a model without grouped-query attention before any compute.
+
+    The family finds out only when it scores (after a dense head may have been trained); asked here, right
+    after loading, it fails at once, with the CLI's fix in place of the library's ``units='heads'``.
+
+    Raises:
+        UserError: The model has attention that is not GQA (an encoder, GPT-2) or one query head per KV head.
+    """
+    if not units.startswith("query_slots"):
+        return
+    from .._utils import first_line
+    from ..units import query_slot_units
+
+    try:
+        query_slot_units(model)
+    except ValueError as e:  # UnsupportedLayerError (an encoder, GPT-2) or one query head per KV head
+        why = first_line(e)
+        for tail in ("; use units='heads'", ": use units='heads'"):
+            why = why.removesuffix(tail)
+        fix = units.replace("query_slots", "heads")
+        raise UserError(f"--units {units}: {why}: pass --units {fix} (whole heads; KV groups under GQA)") from e
 
 
 def _dense_training(loaded: Loaded, progress: bool) -> None:
@@ -99,6 +125,7 @@ def load_text(cfg: RunConfig, progress: bool) -> Loaded:
                           text_column=opts.text_column, label_column=opts.label_column)
     torch.manual_seed(cfg.seed)  # a new classification head is initialised from torch's global generator
     tm = load_text_model(cfg.model, data.label_names, new_head=opts.new_head)
+    check_units(cfg.units, tm.model)
     if tm.label_names != data.label_names:
         data = data.with_label_order(tm.label_names)
     max_length = min(cfg.max_length, tm.max_length)
@@ -200,6 +227,7 @@ def load_causal_lm(cfg: RunConfig, progress: bool) -> Loaded:
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"'{path}' does not load as a causal LM ({first_line(e)}): pass a ...ForCausalLM "
                             "directory, or --task classification for a sequence classifier") from e
+    check_units(cfg.units, model)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batches are packed (no padding), but the task needs one
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -235,8 +263,8 @@ def load_source(cfg: RunConfig, progress: bool) -> Loaded:
     if cfg.units not in TEXT_UNITS:
         if task == CAUSAL_LM:
             raise UserError(f"--units {cfg.units}: '{cfg.model}' is a causal LM, whose units are attention heads "
-                            "and feed-forward neurons: pass --units heads or --units heads,neurons (channels are "
-                            "the zoo CNNs')")
+                            "(or GQA query slots) and feed-forward neurons: pass --units heads or --units "
+                            "heads,neurons (channels are the zoo CNNs')")
         return load_vision(cfg, progress)
     return (load_causal_lm if task == CAUSAL_LM else load_text)(cfg, progress)
 
