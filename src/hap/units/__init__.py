@@ -23,17 +23,9 @@ from .base import (
     unregister_family,
 )
 from .channels import ChannelFamily, ChannelGroup, channel_groups, flatten_units, remove_channels
-from .heads import (
-    HeadFamily,
-    QuerySlotFamily,
-    attention_layouts,
-    head_units,
-    mask_heads,
-    prune_heads,
-    prune_query_slots,
-    query_slot_units,
-)
+from .heads import HeadFamily, attention_layouts, head_units, mask_heads, prune_heads
 from .neurons import NeuronFamily, mask_neurons, mlp_layouts, neuron_units, prune_neurons
+from .query_slots import QuerySlotFamily, prune_query_slots, query_slot_units
 
 register_family(ChannelFamily())
 register_family(HeadFamily())
