@@ -337,41 +337,50 @@ def unit_check(model: Any, calib: list[Any], test: list[Any], out: Path, seeds: 
     return res
 
 
-def unit_check_lines(uc: dict[str, Any]) -> list[str]:
-    """docs/llm.md's table of :func:`unit_check`, with the slots interpolated to the group's parameters."""
-    if not uc:
+def unit_check_lines(checks: list[tuple[int, dict[str, Any]]]) -> list[str]:
+    """docs/llm.md's table of :func:`unit_check` for every model seed (``(seed, records)``), with the slots
+    interpolated to the group's parameters."""
+    if not checks:
         return []
-    lines = ["", "The same question through the real path (HAP (Fisher) scores, an even plan, `hap.repair`), for two "
-             "seeds of the Fisher's sampled labels (the same calibration sequences):", "",
-             "| unit | removed per layer | params removed | q / kv heads | seed | one-shot | + repair |",
-             "|---|---|---:|---|---:|---:|---:|"]
-    for r in sorted(uc.values(), key=lambda r: (r["units"] != "heads", r["k"], r["seed"])):
-        what = "KV group" if r["units"] == "heads" else "query slot"
-        lines.append(f"| {what} | {r['k']} | {r['params_removed']} | {r['query_heads']} / {r['kv_heads']} | "
-                     f"{r['seed']} | {r['ppl_oneshot']:.2f} | {r['ppl_repair']:.2f} |")
-    verdicts = []
+    lines = ["", "The same question through the real path (HAP (Fisher) scores, an even plan, `hap.repair`), on every "
+             "seed's dense model, for two seeds of the Fisher's sampled labels each (the same calibration sequences "
+             "within a model seed):", "",
+             "| unit | removed per layer | params removed | q / kv heads | model seed | Fisher seed | one-shot "
+             "| + repair |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for ms, uc in checks:
+        for r in sorted(uc.values(), key=lambda r: (r["units"] != "heads", r["k"], r["seed"])):
+            what = "KV group" if r["units"] == "heads" else "query slot"
+            lines.append(f"| {what} | {r['k']} | {r['params_removed']} | {r['query_heads']} / {r['kv_heads']} | "
+                         f"{ms} | {r['seed']} | {r['ppl_oneshot']:.2f} | {r['ppl_repair']:.2f} |")
+    verdicts, mean_gap = [], {}
     for col in ("ppl_oneshot", "ppl_repair"):
         gaps = []
-        for seed in sorted({r["seed"] for r in uc.values()}):
-            g = [r for r in uc.values() if r["units"] == "heads" and r["seed"] == seed]
-            sl = sorted((r["params_removed"], r[col]) for r in uc.values() if r["units"] == "query_slots"
-                        and r["seed"] == seed)
-            if not g or len(sl) < 2:
-                continue
-            (p0, y0), (p1, y1) = sl[0], sl[-1]
-            at = y0 + (y1 - y0) * (g[0]["params_removed"] - p0) / max(p1 - p0, 1)
-            gaps.append(g[0][col] - at)
+        for _ms, uc in checks:
+            for seed in sorted({r["seed"] for r in uc.values()}):
+                g = [r for r in uc.values() if r["units"] == "heads" and r["seed"] == seed]
+                sl = sorted((r["params_removed"], r[col]) for r in uc.values() if r["units"] == "query_slots"
+                            and r["seed"] == seed)
+                if not g or len(sl) < 2:
+                    continue
+                (p0, y0), (p1, y1) = sl[0], sl[-1]
+                at = y0 + (y1 - y0) * (g[0]["params_removed"] - p0) / max(p1 - p0, 1)
+                gaps.append(g[0][col] - at)
         if gaps:
+            mean_gap[col] = float(np.mean(gaps))
             verdicts.append(f"{'one-shot' if col == 'ppl_oneshot' else 'after repair'}: whole KV group minus "
-                            f"interpolated query slots = {np.mean(gaps):+.2f} perplexity (seeds: "
+                            f"interpolated query slots = {np.mean(gaps):+.2f} perplexity (model x Fisher seeds: "
                             f"{', '.join(f'{x:+.2f}' for x in gaps)}; positive: slots better)")
     if verdicts:
         lines += ["", "At equal parameters, " + "; ".join(verdicts) + ".", "",
                   "**The choice.** Both units are offered: `units=\"heads\"` (the default) removes whole KV groups, "
                   "the only unit that shrinks the KV cache (memory and bandwidth per generated token, often what "
-                  "limits serving); `units=\"query_slots\"` keeps K/V and removes one query head of every group, which "
-                  "the table measures as the better perplexity at equal parameters, by a margin that repair mostly "
-                  "closes. Prune slots for quality at a parameter budget, groups when the KV cache is the budget."]
+                  "limits serving); `units=\"query_slots\"` keeps K/V and removes one query head of every group, "
+                  + ("which the table measures as the better perplexity at equal parameters"
+                     + (", by a margin that repair mostly closes" if 0 <= mean_gap.get("ppl_repair", 0.0)
+                        < 0.5 * mean_gap.get("ppl_oneshot", 0.0) else "")
+                     + ". Prune slots for quality at a parameter budget, groups when the KV cache is the budget."
+                     if mean_gap.get("ppl_oneshot", 0.0) > 0 else
+                     "which the table does not measure as better here; groups are the unit to prune.")]
     return lines
 
 
@@ -386,50 +395,81 @@ def control(model: Any, test: list[Any], train_rows: torch.Tensor, p: dict[str, 
     return r
 
 
-def document(p: dict[str, Any], dense: dict[str, Any], ctrl: dict[str, Any], gqa: dict[str, Any],
-             rows: list[dict[str, Any]], uc: dict[str, Any] | None = None) -> str:
+def mean_se(xs: list[float], digits: int = 2, scale: float = 1.0) -> str:
+    """``mean ± standard error`` over seeds (the value alone for one seed)."""
+    xs = [scale * x for x in xs]
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{np.mean(xs):.{digits}f} ± {np.std(xs, ddof=1) / math.sqrt(len(xs)):.{digits}f}"
+
+
+def document(p: dict[str, Any], seeds: list[dict[str, Any]]) -> str:
+    """The LLM section from every seed's cached records (``seeds``: what :func:`read_seed` returns)."""
+    seeds = [s for s in seeds if s.get("dense") and s.get("control")]
+    if not seeds:
+        return "## Llama (GQA) on tweets\n\nNo dense model finished yet.\n"
+    first, n = seeds[0], len(seeds)
+    dense, ids = first["dense"], ", ".join(str(s["seed"]) for s in seeds)
+    dense_ppl = [s["control"]["ppl_dense"] for s in seeds]
+    ctrl_ppl = [s["control"]["ppl_dense_ft"] for s in seeds]
     lines = [
         "## Llama (GQA) on tweets",
         "",
         f"Dense model: `LlamaForCausalLM`, {p['layers']} layers, hidden {p['hidden']}, {p['heads']} query / "
         f"{p['kv_heads']} KV heads, MLP {p['inter']}, BPE vocabulary {p['vocab']} trained on the tweets' train "
         f"split; {dense['params'] / 1e6:.2f}M parameters, trained from scratch for {dense['steps']} steps of "
-        f"{p['batch']} x {p['seq']} tokens ({dense['seconds'] / 60:.1f} min; {dense['train_tokens']} distinct "
-        f"training tokens). Perplexity on {p['test']} packed test-split sequences; calibration (sensitivity, "
-        f"OBS Hessians, repair) on {p['calib']} score-split sequences; fine-tune {p['ft_steps']} AdamW steps "
-        f"(lr {p['ft_lr']}) on the train split after repair.",
+        f"{p['batch']} x {p['seq']} tokens ({np.mean([s['dense']['seconds'] for s in seeds]) / 60:.1f} min; "
+        f"{dense['train_tokens']} distinct training tokens for seed {first['seed']}). Perplexity on {p['test']} packed "
+        f"test-split sequences; calibration (sensitivity, OBS Hessians, repair) on {p['calib']} score-split "
+        f"sequences; fine-tune {p['ft_steps']} AdamW steps (lr {p['ft_lr']}) on the train split after repair.",
         "",
-        f"Dense perplexity **{ctrl['ppl_dense']:.2f}**; the dense control after the same fine-tune "
-        f"{ctrl['ppl_dense_ft']:.2f}.",
+        f"**Seeds {ids}** ({n}): each seed is its own split of the tweets, tokenizer, dense model (trained from its "
+        "own initialisation), calibration draw and Fisher labels, so the spread below is the whole pipeline's. "
+        "Cells are mean ± standard error over the seeds (the value alone for one seed).",
+        "",
+        f"Dense perplexity **{mean_se(dense_ppl)}** (seeds: {', '.join(f'{x:.2f}' for x in dense_ppl)}); the dense "
+        f"control after the same fine-tune {mean_se(ctrl_ppl)}.",
         "",
         "Perplexity columns: lower is better. Speed: dense and pruned timed in alternating rounds in one run "
         "(one thread, 8 sequences); tokens/s are the medians of each model's rounds, the speed-up is the median "
         "of the per-round ratios (robust to load that comes and goes, so the two can disagree on a busy machine).",
         "",
-        "| criterion | params removed | widths (q / kv heads, MLP) | one-shot | + repair | + fine-tune "
+        "| criterion | params removed | widths (q / kv heads, MLP) | seeds | one-shot | + repair | + fine-tune "
         "| tokens/s dense -> pruned | paired speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---:|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["target"], list(METHODS).index(r["method"]))):
-        w = r["widths"]
-        lines.append(f"| {METHODS[r['method']]} | {r['params_removed']:.1%} | {w['query_heads']} / {w['kv_heads']}, "
-                     f"{w['intermediate']} | {r['ppl_oneshot']:.2f} | {r['ppl_repair']:.2f} | {r['ppl_ft']:.2f} | "
-                     f"{r['tok_s_dense']:.0f} -> {r['tok_s']:.0f} | {r['speedup']:.2f}x |")
+    keys = sorted({(r["target"], r["method"]) for s in seeds for r in s["rows"]},
+                  key=lambda k: (k[0], list(METHODS).index(k[1])))
+    for target, method in keys:
+        rs = [r for s in seeds for r in s["rows"] if (r["target"], r["method"]) == (target, method)]
+        widths = sorted({(r["widths"]["query_heads"], r["widths"]["kv_heads"], r["widths"]["intermediate"])
+                         for r in rs})
+        def col(k: str, rs: list[dict[str, Any]] = rs) -> list[float]:
+            return [r[k] for r in rs]
+
+        lines.append(f"| {METHODS[method]} | {np.mean(col('params_removed')):.1%} | "
+                     f"{'; '.join(f'{q} / {kv}, {i}' for q, kv, i in widths)} | {len(rs)} | "
+                     f"{mean_se(col('ppl_oneshot'))} | {mean_se(col('ppl_repair'))} | {mean_se(col('ppl_ft'))} | "
+                     f"{np.mean(col('tok_s_dense')):.0f} -> {np.mean(col('tok_s')):.0f} | "
+                     f"{mean_se(col('speedup'))}x |")
     lines += ["", "Every pruned row was also written by `hap.save_pretrained` (plan with `allocation=\"even\"`) to a "
-              "directory that `transformers.AutoModelForCausalLM.from_pretrained` loads without hap.", "",
-              "### The GQA unit: whole KV groups or query slots", "",
-              "Held-out perplexity of the dense model with attention masked by L1, whole KV groups against query "
-              "slots inside every group (K/V kept), parameters removed in the attention blocks:", "",
-              "| removed | parameters | perplexity |", "|---|---|---|",
-              f"| nothing | 0 | {gqa['dense']:.2f} |"]
-    for k, v in gqa.items():
-        if k == "dense":
-            continue
-        what = (f"{k.split('_')[1]} KV group(s) per layer" if "slots" not in k
-                else f"{k.rsplit('_', 1)[1]} query slot(s) per group")
-        lines.append(f"| {what} | {v['params']} | {v['ppl']:.2f} |")
-    lines += ["", gqa_verdict(gqa)]
-    lines += unit_check_lines(uc or {})
+              "directory that `transformers.AutoModelForCausalLM.from_pretrained` loads without hap."]
+    gqa = first.get("gqa")
+    if gqa:
+        lines += ["", "### The GQA unit: whole KV groups or query slots", "",
+                  f"Held-out perplexity of seed {first['seed']}'s dense model with attention masked by L1, whole KV "
+                  "groups against query slots inside every group (K/V kept), parameters removed in the attention "
+                  "blocks:", "",
+                  "| removed | parameters | perplexity |", "|---|---|---|",
+                  f"| nothing | 0 | {gqa['dense']:.2f} |"]
+        for k, v in gqa.items():
+            if k == "dense":
+                continue
+            what = (f"{k.split('_')[1]} KV group(s) per layer" if "slots" not in k
+                    else f"{k.rsplit('_', 1)[1]} query slot(s) per group")
+            lines.append(f"| {what} | {v['params']} | {v['ppl']:.2f} |")
+        lines += ["", gqa_verdict(gqa)]
+    lines += unit_check_lines([(s["seed"], s["unit_check"]) for s in seeds if s.get("unit_check")])
     return "\n".join(lines) + "\n"
 
 
@@ -532,69 +572,130 @@ def vit_study(v: dict[str, Any], out: Path, seed: int) -> tuple[dict[str, Any], 
     return dense, rows
 
 
-def vit_document(v: dict[str, Any], dense: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def vit_document(v: dict[str, Any], seeds: list[dict[str, Any]]) -> str:
+    """The ViT section from every seed's cached records."""
+    seeds = [s for s in seeds if s.get("vit_dense") and s.get("vit_control")]
+    if not seeds:
+        return "## ViT on Fashion-MNIST\n\nNo dense ViT finished yet.\n"
+    d0 = seeds[0]["vit_dense"]
+    acc = [s["vit_dense"]["test_acc"] for s in seeds]
+    ctrl = [s["vit_control"]["test_acc_ft"] for s in seeds]
     lines = ["## ViT on Fashion-MNIST", "",
              f"`ViTForImageClassification` (28x28, patch 4, {v['layers']} layers, width {v['hidden']}, {v['heads']} "
-             f"heads, MLP {v['inter']}; {dense['params'] / 1e3:.0f}k parameters) trained {v['epochs']} epochs on "
+             f"heads, MLP {v['inter']}; {d0['params'] / 1e3:.0f}k parameters) trained {v['epochs']} epochs on "
              f"{v['subset']} training images with `hap.train.VisionTask`, AdamW (lr {v['lr']:g}, 5% warm-up, cosine;"
-             f" {dense['seconds'] / 60:.1f} min): test top-1 **{dense['test_acc']:.2%}**; the dense control after the "
-             f"same {v['ft_steps']}-step fine-tune (AdamW, lr {v['ft_lr']:g}, 10% warm-up) "
-             f"{dense['control_test_acc']:.2%}. Heads and MLP neurons pruned together through `hap.pipeline.run` "
-             f"(uniform allocation, repair `lsq`), {v['target']:.0%} of the parameters:", "",
-             "| criterion | params removed | heads removed | one-shot | + repair | + fine-tune "
+             f" {np.mean([s['vit_dense']['seconds'] for s in seeds]) / 60:.1f} min), seeds "
+             f"{', '.join(str(s['seed']) for s in seeds)} (each its own subset, initialisation and training order): "
+             f"test top-1 **{mean_se(acc, scale=100)}%** (seeds: {', '.join(f'{x:.2%}' for x in acc)}); the dense "
+             f"control after the same {v['ft_steps']}-step fine-tune (AdamW, lr {v['ft_lr']:g}, 10% warm-up) "
+             f"{mean_se(ctrl, scale=100)}%. Heads and MLP neurons pruned together through `hap.pipeline.run` "
+             f"(uniform allocation, repair `lsq`), {v['target']:.0%} of the parameters; top-1 in %, mean ± standard "
+             "error over the seeds:", "",
+             "| criterion | params removed | heads removed | seeds | one-shot | + repair | + fine-tune "
              "| images/s dense -> pruned | paired speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        b = r["batch"][0] if isinstance(r["batch"], list) else r["batch"]
-        lines.append(f"| {METHODS[r['method']]} | {r['params_removed']:.1%} | {r['heads_removed']:.0%} | "
-                     f"{r['test_acc_surgery']:.2%} | {r['test_acc_oneshot']:.2%} | {r['test_acc']:.2%} | "
-                     f"{b / r['latency_ms_base'] * 1e3:.0f} -> {b / r['latency_ms'] * 1e3:.0f} | {r['speedup']:.2f}x |")
+             "|---|---|---|---:|---|---|---|---|---|"]
+    for method in METHODS:
+        rs = [r for s in seeds for r in s["vit_rows"] if r["method"] == method]
+        if not rs:
+            continue
+        def col(k: str, rs: list[dict[str, Any]] = rs) -> list[float]:
+            return [r[k] for r in rs]
+
+        b = [r["batch"][0] if isinstance(r["batch"], list) else r["batch"] for r in rs]
+        lines.append(f"| {METHODS[method]} | {np.mean(col('params_removed')):.1%} | "
+                     f"{np.mean(col('heads_removed')):.0%} | {len(rs)} | {mean_se(col('test_acc_surgery'), scale=100)}"
+                     f" | {mean_se(col('test_acc_oneshot'), scale=100)} | {mean_se(col('test_acc'), scale=100)} | "
+                     f"{np.mean([x / r['latency_ms_base'] * 1e3 for x, r in zip(b, rs, strict=True)]):.0f} -> "
+                     f"{np.mean([x / r['latency_ms'] * 1e3 for x, r in zip(b, rs, strict=True)]):.0f} | "
+                     f"{mean_se(col('speedup'))}x |")
     return "\n".join(lines) + "\n"
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_seed(out: Path) -> dict[str, Any]:
+    """One seed's finished records (JSON only: the document needs no model, so it can be rebuilt anywhere)."""
+    study = _read(out / "study.json") or {}
+    return {"dir": out, "seed": study.get("seed", 0), "settings": study, "dense": _read(out / "dense.json"),
+            "control": _read(out / "control.json"), "gqa": _read(out / "gqa_check.json"),
+            "unit_check": _read(out / "unit_check.json"),
+            "rows": [json.loads(f.read_text()) for f in sorted((out / "rows").glob("*.json"))],
+            "vit_dense": _read(out / "vit_dense.json"), "vit_control": _read(out / "vit_control.json"),
+            "vit_rows": [json.loads(f.read_text()) for f in sorted((out / "vit_rows").glob("*.json"))],
+            "machines": (out / "machine.txt").read_text().splitlines() if (out / "machine.txt").is_file() else []}
+
+
+def seed_dirs(out: Path, base: Path) -> list[Path]:
+    """The study directories pooled into one document: the default one (seed 0) and its ``_s<seed>`` siblings
+    when ``out`` is one of them, else ``out`` alone."""
+    family = [base, *sorted(base.parent.glob(base.name + "_s*"))]
+    return [d for d in family if (d / "study.json").is_file()] if out in family else [out]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny models and data end to end; not written to docs")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--part", choices=("all", "llm", "vit"), default="all", help="which study (default both)")
+    ap.add_argument("--seed", type=int, default=0, help="seed s > 0 studies into <out>_s<s> (default directory)")
+    ap.add_argument("--part", choices=("all", "llm", "vit"), default="all", help="which study to run (default both); "
+                    "the document always shows every part and seed that is cached")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train-steps", type=int, default=None, help="dense training steps (default 600; smoke 30)")
-    ap.add_argument("--out", default=None, help="study directory (default benchmarks/out/llm_study[_smoke])")
+    ap.add_argument("--out", default=None, help="study directory (default benchmarks/out/llm_study[_smoke][_s<seed>])")
+    ap.add_argument("--doc-only", action="store_true", help="rewrite the document from the cached records only")
     args = ap.parse_args(argv)
     p = dict(SMOKE if args.smoke else FULL)
     if args.train_steps:
         p["train_steps"] = args.train_steps
-    out = Path(args.out) if args.out else OUT / ("llm_study_smoke" if args.smoke else "llm_study")
+    base = (OUT / ("llm_study_smoke" if args.smoke else "llm_study")).resolve()
+    out = Path(args.out).resolve() if args.out else base.with_name(base.name + (f"_s{args.seed}" if args.seed else ""))
     v = dict(VIT_SMOKE if args.smoke else VIT_FULL)
     settings = {k: list(x) if isinstance(x, tuple) else x for k, x in p.items()} | {"seed": args.seed, "vit": v}
-    study = out / "study.json"
-    old = json.loads(study.read_text()) if study.is_file() else None
-    # the ViT's own stages are rebuilt by vit_study when only its settings changed (vit_settings.json)
-    if old is not None and {k: x for k, x in old.items() if k != "vit"} != {k: x for k, x in settings.items()
-                                                                         if k != "vit"}:
-        if not args.smoke:
-            raise SystemExit(f"{out} holds a study with other settings: pass --out or remove it")
-        shutil.rmtree(out)  # a smoke study is disposable
-    write_json(study, settings)
     t0 = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    parts = []
-    if args.part in ("all", "llm"):
-        parts.append(llm_part(p, out, args))
-    if args.part in ("all", "vit"):
-        parts.append(vit_document(v, *vit_study(v, out, args.seed)))
-    flags = (" --smoke" if args.smoke else "") + ("" if args.part == "all" else f" --part {args.part}")
+    if not args.doc_only:
+        study = out / "study.json"
+        old = json.loads(study.read_text()) if study.is_file() else None
+        # the ViT's own stages are rebuilt by vit_study when only its settings changed (vit_settings.json)
+        if old is not None and {k: x for k, x in old.items() if k != "vit"} != {k: x for k, x in settings.items()
+                                                                             if k != "vit"}:
+            if not args.smoke:
+                raise SystemExit(f"{out} holds a study with other settings: pass --out or remove it")
+            shutil.rmtree(out)  # a smoke study is disposable
+        write_json(study, settings)
+        torch.set_num_threads(args.threads)
+        here = machine(threads=args.threads)  # every machine a resumed study ran on, for the document's line
+        seen = (out / "machine.txt").read_text().splitlines() if (out / "machine.txt").is_file() else []
+        if here not in seen:
+            atomic_write_text(out / "machine.txt", "\n".join([*seen, here]) + "\n")
+        if args.part in ("all", "llm"):
+            llm_part(p, out, args)
+        if args.part in ("all", "vit"):
+            vit_study(v, out, args.seed)
+    same = {k: x for k, x in settings.items() if k != "seed"}
+    seeds = []
+    for d in seed_dirs(out, base):
+        rec = read_seed(d)
+        if {k: x for k, x in rec["settings"].items() if k != "seed"} != same:
+            print(f"not pooled: {d} holds a study with other settings", flush=True)
+            continue
+        seeds.append(rec)
+    machines = list(dict.fromkeys(m for s in seeds for m in s["machines"])) or [machine(threads=args.threads)]
     text = (f"# Pruning a small Llama (GQA) causal LM and a ViT\n\nProduced by `python benchmarks/llm_study.py"
-            f"{flags}` on {machine()}; "
-            f"{(time.perf_counter() - t0) / 60:.1f} min in this invocation (cached stages not rerun).\n\n"
-            + "\n".join(parts))
+            f"{' --smoke' if args.smoke else ''}` (seed 0) and `... --seed 1` (more seeds: `--seed N`; "
+            f"`--doc-only` rewrites this page from the cached records) on {'; '.join(machines)} (a study resumed in "
+            "another session may have run on another machine: speeds are only compared within a row, both models "
+            "timed in the same run); "
+            f"{(time.perf_counter() - t0) / 60:.1f} min in the last invocation (cached stages not rerun).\n\n"
+            + document(p, seeds) + "\n" + vit_document(v, seeds))
     target = out / "llm.md" if args.smoke else DOCS
     atomic_write_text(target, text)
     print(f"wrote {target}")
     return 0
 
 
-def llm_part(p: dict[str, Any], out: Path, args: argparse.Namespace) -> str:
+def llm_part(p: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
+    """This seed's LLM stages (each cached as it finishes)."""
     data = load_text_data("tweets", seed=args.seed)
     model, tok, dense = dense_stage(p, out, data, args.seed)
     train_texts = data.split("train")[0][: p["texts"]] if p["texts"] else data.split("train")[0]
@@ -602,17 +703,14 @@ def llm_part(p: dict[str, Any], out: Path, args: argparse.Namespace) -> str:
     calib = batches(packed(tok, data.split("score")[0], p["seq"])[: p["calib"]], p["sens_batch"])
     test = batches(packed(tok, data.split("test")[0], p["seq"])[: p["test"]], 32)
     print(f"dense: {dense['params'] / 1e6:.2f}M params, {dense['seconds']:.0f} s training", flush=True)
-    gqa = gqa_check(model, test, out)
-    uc = unit_check(model, calib, test, out)
+    gqa_check(model, test, out)
+    unit_check(model, calib, test, out)
     ctrl = control(model, test, train_rows, p, out, args.seed)
-    rows = []
     for target in p["targets"]:
         for method in METHODS:
             r = row(model, method, target, calib, test, train_rows, p, out, args.seed)
             print(f"{method} p{target}: ppl {r['ppl_oneshot']:.2f} -> repair {r['ppl_repair']:.2f} -> ft "
                   f"{r['ppl_ft']:.2f} (dense {ctrl['ppl_dense']:.2f})", flush=True)
-            rows.append(r)
-    return document(p, dense, ctrl, gqa, rows, uc)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def run_model(name: str, a: argparse.Namespace, rows: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"model": name, "params": hap.count_params(dense), "table_s": table_s,
                            "table_layers": len(table.layers), "table_dense_ms": table.dense_ms,
                            "table_rest_ms": table.rest_ms, "table_meta": table.meta, "plans": [], "latency": [],
-                           "round_to": [], "layout": [], "export": []}
+                           "round_to": [], "layout": [], "export": [], "deploy": []}
     for p in a.params:
         for alloc in ("uniform", "global"):
             out["plans"].append(plan_row(f"params{p:g}-{alloc}", hap.Target(params=p), allocation=alloc))
@@ -170,6 +170,19 @@ def run_model(name: str, a: argparse.Namespace, rows: Path) -> dict[str, Any]:
         kw = {} if r == "1" else {"round_to": r if r == "auto" else int(r), "tol": 0.05}
         out["round_to"].append(plan_row(label, hap.Target(params=a.params[len(a.params) // 2]),
                                         allocation="uniform", **kw) | {"asked_round_to": r})
+    deploy = {"NCHW + BN": lambda m: m, "BN folded + channels_last": lambda m: NHWC(hap.fold_batchnorm(m))}
+    for p in a.params:  # uniform plans in multiples of 8, dense and pruned both in each inference layout
+        label = f"params{p:g}-uniform-round8"
+        row = plan_row(label, hap.Target(params=p), allocation="uniform", round_to=8, tol=0.05)
+        if "error" in row:
+            continue
+        for v, make_v in deploy.items():
+            key = v.replace(" ", "").replace("+", "-")
+            out["deploy"].append(cached(rows / f"{name}-deploy-{label}-{key}.json",
+                                        lambda label=label, make_v=make_v, v=v, row=row:
+                                        {"label": label, "variant": v, "mac_speedup": row["mac_speedup"],
+                                         "params_removed": row["params_removed"],
+                                         **speed(bench(make_v(pruned(label)), make_v(dense)))}))
     for which in ("dense", ref):
         if which != "dense" and not (rows / f"{name}-{which}.json").is_file():
             continue
@@ -295,6 +308,21 @@ def render(results: list[dict[str, Any]], a: argparse.Namespace, wall_s: float, 
         for p in r["layout"]:
             lines.append(f"| {r['model']} | {p['model']} | {p['variant']} | {_x(p['speedup'][b1])} | "
                          f"{_x(p['speedup'][bb])} | {p['dense_ms'][bb]:.1f} |")
+    lines += ["", "## The same goal in an inference layout", "",
+              f"Uniform plans with widths in multiples of 8 (`round_to=8`), the dense and the pruned model timed in "
+              "the *same* layout: eager NCHW with BatchNorm, or BatchNorm folded and channels_last (the NCHW input "
+              f"converted inside the timed call). Goal as above: latency speed-up b{bb} >= 0.8x the MAC speed-up.", "",
+              f"| model | plan | layout | params removed | MAC speed-up | latency speed-up b{b1} | b{bb} | "
+              f"b{bb} / MAC | >= 0.8? |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    dmet = dtotal = 0
+    for r in results:
+        for p in r.get("deploy", []):
+            ratio = p["speedup"][bb] / p["mac_speedup"]
+            dmet, dtotal = dmet + (ratio >= 0.8), dtotal + 1
+            lines.append(f"| {r['model']} | {p['label']} | {p['variant']} | {100 * p['params_removed']:.1f}% | "
+                         f"{_x(p['mac_speedup'])} | {_x(p['speedup'][b1])} | {_x(p['speedup'][bb])} | {ratio:.2f} | "
+                         f"{'yes' if ratio >= 0.8 else 'no'} |")
+    lines += ["", f"The goal holds for {dmet} of {dtotal} layout rows."]
     lines += ["", "## Export: ONNX Runtime against PyTorch eager", "",
               f"The file `hap.export(model, x, path, format=\"onnx\")` writes (checked against PyTorch at export), "
               f"run by onnxruntime's CPU provider with {a.threads} intra-op thread(s), sequential execution, default "

@@ -332,7 +332,7 @@ class PlanConfig(Config):
     sign: str = "signed"
     rank_by: str = "score"
     tol: float = 0.01
-    latency_iters: int = 4
+    latency_iters: int = 6
     latency_tol: float = 0.05
 
     def problems(self) -> list[Problem]:
