@@ -124,6 +124,16 @@ def run_row(model, tok, data, units, method, target, repair, seed, args, out, de
     return m
 
 
+def _machines(runs: list[dict[str, Any]]) -> str:
+    """Where the rows ran, in words: rows from before the machine was recorded say so."""
+    named = sorted({r["machine"] for r in runs if r.get("machine")})
+    unknown = sum(1 for r in runs if not r.get("machine"))
+    parts = [f"{m} ({sum(r.get('machine') == m for r in runs)} rows)" for m in named]
+    if unknown:
+        parts.append(f"a machine not recorded ({unknown} rows from earlier sessions)")
+    return "; ".join(parts) or "no rows yet"
+
+
 def results_table(out: Path, args: argparse.Namespace, dense: dict[str, Any], data: Any) -> str:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     ctrl = [r for r in runs if r["method"] == "control"]
@@ -133,7 +143,8 @@ def results_table(out: Path, args: argparse.Namespace, dense: dict[str, Any], da
     lines = [
         "## Transformer widths: heads + neurons under a FLOPs target (MiniLM-L6 on tweets, negative vs positive)",
         "",
-        f"Produced by `{cmd}` on {machine()}; resumable (rows not finished yet are not listed).",
+        f"Produced by `{cmd}`, resumable (rows not finished yet are not listed), across sessions on "
+        f"{_machines(runs)}. A CPU speed-up is always two models timed in the same run on one machine.",
         "",
         f"Data and dense model as in docs/posttraining.md: test **{n_test}** tweets, dense test accuracy "
         f"**{100 * p:.2f}%** ± {100 * np.sqrt(p * (1 - p) / n_test):.2f}. Rows: `hap.pipeline.run`, global ranking "
@@ -244,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # record and go on: one broken row must not stop a study across sessions
             traceback.print_exc()
             continue
-        m.update(units=units, method=method, target=target, repair=repair, seed=seed, n_test=data.sizes()["test"])
+        m.update(units=units, method=method, target=target, repair=repair, seed=seed, n_test=data.sizes()["test"],
+                 machine=machine(threads=args.threads))
         atomic_write_text(path, json.dumps(m, indent=1, default=float))
         new += 1
         replace_marked_block(doc, results_table(out, args, dense, data), MARKER)

@@ -246,3 +246,25 @@ def test_eval_and_finetune_of_a_text_classifier_run(tmp_path, capsys):
     assert main(["eval", "--run", str(out), "--threads", "1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["acc"] == m2["test_acc"]
     assert f"after {m2['finetune_steps']} fine-tune steps" in (out / "report.md").read_text()
+
+
+def test_finetune_writes_the_run_only_through_rank_0(tmp_path, monkeypatch):
+    """Under torchrun every rank runs ``hap finetune`` on the same run directory: its files must be replaced by
+    rank 0 alone (``hap.distributed.on_main``), so a rank that is not rank 0 leaves every file as it was."""
+    pytest.importorskip("transformers")
+    import hap.distributed
+
+    from ..text.conftest import save_model_dir, write_csv
+
+    model_dir = save_model_dir(tmp_path / "clf", num_labels=2)
+    out = tmp_path / "run"
+    assert main(["heads", "--model", str(model_dir), "--data", str(write_csv(tmp_path / "d.csv", n=40)), "--method",
+                 "l1", "--target", "heads=0.25", "--finetune-steps", "2", "--out", str(out), "--no-progress",
+                 "--threads", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    monkeypatch.setattr(hap.distributed, "on_main", lambda fn: None)  # a rank other than 0
+    assert main(["finetune", "--run", str(out), "--epochs", "1", "--no-progress", "--threads", "1"]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    monkeypatch.undo()
+    assert main(["finetune", "--run", str(out), "--epochs", "1", "--no-progress", "--threads", "1"]) == 0
+    assert (out / "metrics.json").read_bytes() != before["metrics.json"]  # rank 0 (or one process) writes

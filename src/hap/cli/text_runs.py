@@ -82,6 +82,7 @@ def finetune_text_run(args: argparse.Namespace, run: Path) -> int:
     :func:`hap.train.train` with its task (:class:`hap.train.CausalLMTask`: the next-token loss), from the
     run's fine-tune settings (``--epochs`` / ``--lr`` override them); its model, ``hf/`` (when it has one),
     metrics, report and manifest are replaced together."""
+    from ..distributed import on_main
     from ..io import save
     from ..pipeline import RunConfig, on_device
     from ..planning import PruningPlan
@@ -121,11 +122,14 @@ def finetune_text_run(args: argparse.Namespace, run: Path) -> int:
     m["finetune_steps"] = int(m.get("finetune_steps", 0)) + res.steps  # what the report's row counts
     m.update(task.split_record(data))
     files = sorted(set(files) | {"metrics.json", "model.safetensors", "plan.json", "report.md"})
-    with commit_run(run, files):
-        save(model, plan, run)
-        if m.get("hf_dir"):  # the plain transformers copy must hold these weights too, never the old ones
-            m.update(_write_hf(run, model, plan, tokenizer, files))
-        write_json(run / "metrics.json", m)
-        (write_lm_report if key == "ppl" else write_heads_report)(run)
+    def write() -> None:
+        with commit_run(run, files):
+            save(model, plan, run)
+            if m.get("hf_dir"):  # the plain transformers copy must hold these weights too, never the old ones
+                m.update(_write_hf(run, model, plan, tokenizer, files))
+            write_json(run / "metrics.json", m)
+            (write_lm_report if key == "ppl" else write_heads_report)(run)
+
+    on_main(write)  # under torchrun every rank holds the same model: rank 0 alone replaces the run's files
     print(json.dumps({"steps": res.steps, f"test_{key}": value, f"val_{key}": val}))
     return 0

@@ -357,6 +357,7 @@ def _load_run(run: str, base: Any):
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a pruned run further; its model, metrics, report and manifest are replaced together."""
+    from ..distributed import on_main
     from ..io import save
     from ..pipeline import on_device
     from ..planning import PruningPlan
@@ -388,11 +389,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     m.update(task.split_record(data))
     files = sorted(set(files) | {"metrics.json", "model.safetensors", "plan.json", "report.md", "sensitivity.png",
                                  "widths.png"})
-    with commit_run(run, files):
-        save(model, plan, run)
-        write_json(metrics_path, m)
-        if "params_base" in m:
-            write_run_report(run)  # the report shows the new accuracy, never the one before
+    def write() -> None:
+        with commit_run(run, files):
+            save(model, plan, run)
+            write_json(metrics_path, m)
+            if "params_base" in m:
+                write_run_report(run)  # the report shows the new accuracy, never the one before
+
+    on_main(write)  # under torchrun every rank holds the same model: rank 0 alone replaces the run's files
     print(json.dumps({"best_val_acc": res.best_val_acc, "test_acc": acc}))
     return 0
 
