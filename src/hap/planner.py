@@ -434,7 +434,14 @@ def _group_infos(model: nn.Module, sens: Sensitivity, excluded: set[str], implan
             raise ValueError(f"the sensitivity names layer '{name}' that the model lacks: recompute it on this model")
         kind = us[0].unit.kind
         touched = {_module_of(s.param) for u in us for s in u.slices}
-        info = GroupInfo(kind=kind, frozen=", ".join(sorted(touched & excluded)))
+        producers: dict[str, set[int]] = {}  # output rows of one parameter: which of the group's units hold them
+        for u in us:
+            for s in u.slices:
+                if s.role == "out" and s.dim == 0:
+                    producers.setdefault(s.param, set()).add(u.index)
+        partial = {frozenset(v) for v in producers.values() if len(v) < len(us)}
+        info = GroupInfo(kind=kind, frozen=", ".join(sorted(touched & excluded)),
+                         keep_one_of=sorted(partial, key=sorted))
         if implant is not None and kind == "channel":  # heads are removed outright: no cheaper head to implant
             root = named[name]
             why = implant_unsupported_reason(root, implant)

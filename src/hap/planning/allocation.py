@@ -36,6 +36,9 @@ class GroupInfo:
         in_channels: Input channels of the root conv (implantable groups).
         pointwise_ok: A low-rank group too expensive for rank 1 may fall back to a pointwise implant.
         inputs_from: Input channels of this group's root fed by channel ``i`` of group ``h``: ``{(h, i): count}``.
+        keep_one_of: Sets of this group's unit indices of which at least one must stay: the units whose output
+            rows one producer holds, when the group spans several (two convs concatenated into one consumer
+            form one group; removing every unit of one of them would leave a layer with no output).
     """
 
     kind: str
@@ -46,6 +49,7 @@ class GroupInfo:
     in_channels: int = 0
     pointwise_ok: bool = False
     inputs_from: dict[tuple[int, int], int] = field(default_factory=dict)
+    keep_one_of: list[frozenset[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +99,17 @@ def layer_normalized(group_of: Sequence[str], scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def _last_of_each(order: Sequence[int], sets: Sequence[frozenset[int]]) -> set[int]:
+    """Units to protect so that every set keeps one: for each set (smallest first) without a protected unit
+    yet, its most important unit (last in ``order``)."""
+    rank = {c: i for i, c in enumerate(order)}
+    kept: set[int] = set()
+    for members in sorted(sets, key=len):
+        if members and not members & kept:
+            kept.add(max(members, key=rank.__getitem__))
+    return kept
+
+
 def candidates(
     units: Sequence[tuple[str, int]],
     scores: np.ndarray,
@@ -132,8 +147,10 @@ def candidates(
         units_by_group.append(pos)
         size = len(pos)
         info = infos[name]
-        cap = 0 if info.frozen else min(size - 1, math.floor(max_layer_ratio * size + 1e-9))
         order = sorted(range(size), key=lambda c, pos=pos: (float(scores[pos[c]]), c))
+        kept = _last_of_each(order, info.keep_one_of)  # never removed: last in the order, beyond the cap
+        order = [c for c in order if c not in kept] + [c for c in order if c in kept]
+        cap = 0 if info.frozen else min(size - max(1, len(kept)), math.floor(max_layer_ratio * size + 1e-9))
         note = f"excluded ({info.frozen})" if info.frozen else (f"no implant: {info.implant_note}"
                                                                 if info.implant_note else "")
         groups.append(_Group(name, order, cap, info, note))
