@@ -161,15 +161,10 @@ def _width_defaults() -> RunConfig:
 
 
 def _slots_defaults() -> RunConfig:
-    """Query slots (grouped-query attention, K/V kept): the heads defaults under a parameter target.
-
-    No ``heads=`` target counts query slots, so the budget is parameters; 5% is about half the query heads of
-    a Llama-3-8B-shaped model (the query and output projections are ~15% of a layer's weights), the same
-    share of heads as the heads default's ``heads=0.5``.
-    """
-    base = _heads_defaults()
-    return base.replace(units="query_slots", target={"params": 0.05},
-                        sensitivity=base.sensitivity.replace(units="query_slots"))
+    """Query slots (grouped-query attention, K/V kept): the heads defaults, ``heads=0.5`` counting query heads
+    (every slot holds one query head of each KV group, so the share of slots is the share of query heads)."""
+    return _heads_defaults().replace(units="query_slots",
+                                     sensitivity=_heads_defaults().sensitivity.replace(units="query_slots"))
 
 
 def _slots_width_defaults() -> RunConfig:

@@ -210,6 +210,9 @@ def _plan(model: nn.Module, sens: Sensitivity, target: Target, inputs: Any, spec
     cands, _ = candidates([(u.group, u.index) for u in sens.units], scores, infos, allocation=cfg.allocation,
                           max_layer_ratio=cfg.max_layer_ratio)
     count_kind = {"channels": "channel", "heads": "head"}.get(target.kind)
+    kinds = {g.info.kind for g in cands.groups}
+    if count_kind == "head" and "head" not in kinds and "query_slot" in kinds:
+        count_kind = "query_slot"  # one query head of every KV group: their share is the share of query heads
     if count_kind and not any(g.info.kind == count_kind for g in cands.groups):
         raise ValueError(
             f"Target({target.kind}=...) needs {count_kind} units, but the sensitivity has none: compute it with "

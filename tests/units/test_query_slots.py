@@ -137,6 +137,27 @@ def _even_plan(model: nn.Module) -> tuple[hap.Sensitivity, PruningPlan]:
     return sens, hap.plan(model, sens, hap.Target(params=0.25), allocation="even", tol=0.15)
 
 
+def test_a_heads_target_counts_query_heads():
+    """``Target(heads=t)`` on query slots removes ``t`` of the query heads (a slot is one query head of every
+    KV group, so slots and query heads fall in the same share); K/V heads stay."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, head_dim=D, intermediate_size=16)
+    model = transformers.LlamaForCausalLM(cfg).eval()  # 4 slots per layer
+    batches = [(b, lm_labels(b)) for b in (token_batch(s) for s in range(2))]
+    sens = hap.sensitivity(model, causal_lm_loss, batches, units="query_slots", method="l1", progress=False)
+    plan = hap.plan(model, sens, hap.Target(heads=0.5), tol=0.01)
+    small = hap.prune(model, plan)
+    lays = attention_layouts(small)
+    assert sum(la.query_heads for la in lays) == 8  # of 16 query heads
+    assert all(la.num_heads == 2 for la in lays)  # KV heads untouched
+    from hap.pipeline import RunConfig
+
+    assert RunConfig.for_units("query_slots").target == {"heads": 0.5}
+
+
 LOADER = textwrap.dedent("""
     import json, sys
     sys.modules["hap"] = None  # any import of hap fails: the directory must load with transformers alone

@@ -21,8 +21,8 @@ __all__ = ["DataOptions", "Loaded", "load_source", "run_defaults", "detect_task"
 # target kinds each unit family (or joint set of families) accepts on the command line
 TARGETS = {"channels": ("params", "flops", "channels", "latency"), "heads": ("heads",),
            "heads,neurons": ("flops", "params", "heads"),
-           # a heads= target counts head (KV-group) units, not query slots: a slot run has a weight budget
-           "query_slots": ("params", "flops"), "query_slots,neurons": ("params", "flops")}
+           # heads= on query slots counts query heads (a slot is one query head of every KV group)
+           "query_slots": ("heads", "params", "flops"), "query_slots,neurons": ("params", "flops", "heads")}
 # unit families pruned on a Hugging Face encoder (text data) rather than a zoo CNN
 TEXT_UNITS = ("heads", "heads,neurons", "query_slots", "query_slots,neurons")
 CAUSAL_LM = "causal-lm"
