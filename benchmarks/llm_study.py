@@ -352,7 +352,7 @@ def unit_check_lines(checks: list[tuple[int, dict[str, Any]]]) -> list[str]:
             what = "KV group" if r["units"] == "heads" else "query slot"
             lines.append(f"| {what} | {r['k']} | {r['params_removed']} | {r['query_heads']} / {r['kv_heads']} | "
                          f"{ms} | {r['seed']} | {r['ppl_oneshot']:.2f} | {r['ppl_repair']:.2f} |")
-    verdicts, mean_gap = [], {}
+    verdicts, wins = [], {}
     for col in ("ppl_oneshot", "ppl_repair"):
         gaps = []
         for _ms, uc in checks:
@@ -366,22 +366,34 @@ def unit_check_lines(checks: list[tuple[int, dict[str, Any]]]) -> list[str]:
                 at = y0 + (y1 - y0) * (g[0]["params_removed"] - p0) / max(p1 - p0, 1)
                 gaps.append(g[0][col] - at)
         if gaps:
-            mean_gap[col] = float(np.mean(gaps))
+            wins[col] = (sum(g > 0 for g in gaps), len(gaps), float(np.mean(gaps)))
             verdicts.append(f"{'one-shot' if col == 'ppl_oneshot' else 'after repair'}: whole KV group minus "
                             f"interpolated query slots = {np.mean(gaps):+.2f} perplexity (model x Fisher seeds: "
                             f"{', '.join(f'{x:+.2f}' for x in gaps)}; positive: slots better)")
     if verdicts:
-        lines += ["", "At equal parameters, " + "; ".join(verdicts) + ".", "",
-                  "**The choice.** Both units are offered: `units=\"heads\"` (the default) removes whole KV groups, "
-                  "the only unit that shrinks the KV cache (memory and bandwidth per generated token, often what "
-                  "limits serving); `units=\"query_slots\"` keeps K/V and removes one query head of every group, "
-                  + ("which the table measures as the better perplexity at equal parameters"
-                     + (", by a margin that repair mostly closes" if 0 <= mean_gap.get("ppl_repair", 0.0)
-                        < 0.5 * mean_gap.get("ppl_oneshot", 0.0) else "")
-                     + ". Prune slots for quality at a parameter budget, groups when the KV cache is the budget."
-                     if mean_gap.get("ppl_oneshot", 0.0) > 0 else
-                     "which the table does not measure as better here; groups are the unit to prune.")]
+        lines += ["", "At equal parameters, " + "; ".join(verdicts) + ".", "", choice_text(wins)]
     return lines
+
+
+def choice_text(wins: dict[str, tuple[int, int, float]]) -> str:
+    """The unit choice in words, from how often query slots beat whole KV groups (one-shot, after repair)."""
+    def said(col: str, when: str) -> str:
+        k, n, gap = wins[col]
+        verdict = ("slots better" if k == n else "groups better" if k == 0 else "no consistent winner")
+        return f"{when}, slots beat groups in {k} of {n} model x Fisher seeds ({verdict}; mean {gap:+.2f})"
+
+    parts = [said(c, w) for c, w in (("ppl_oneshot", "one-shot"), ("ppl_repair", "after repair")) if c in wins]
+    slots_win = all(wins[c][0] == wins[c][1] for c in wins)
+    k, n, gap = wins.get("ppl_repair", (0, 0, 0.0))
+    after_repair = ("Neither is better everywhere at equal parameters here, so the default stays the unit that also "
+                    "shrinks the KV cache" + (f"; after repair slots are ahead in every pair (by {gap:.2f} perplexity "
+                                              "on average), so with repair on and parameters as the budget they are "
+                                              "the better choice" if n and k == n else "") + ".")
+    return ("**The choice.** " + "; ".join(parts) + ". Both units are offered: `units=\"heads\"` (the default) "
+            "removes whole KV groups, the only unit that shrinks the KV cache (memory and bandwidth per generated "
+            "token, often what limits serving); `units=\"query_slots\"` keeps K/V and removes one query head of "
+            "every group. " + ("Prune slots for quality at a parameter budget, groups when the KV cache is the "
+                               "budget." if slots_win else after_repair))
 
 
 def control(model: Any, test: list[Any], train_rows: torch.Tensor, p: dict[str, Any], out: Path, seed: int):
@@ -401,6 +413,24 @@ def mean_se(xs: list[float], digits: int = 2, scale: float = 1.0) -> str:
     if len(xs) == 1:
         return f"{xs[0]:.{digits}f}"
     return f"{np.mean(xs):.{digits}f} ± {np.std(xs, ddof=1) / math.sqrt(len(xs)):.{digits}f}"
+
+
+def with_delta(values: list[float], base: list[float], digits: int = 2, scale: float = 1.0) -> str:
+    """``mean (Δ mean ± se)``: the value and its change from the same seed's dense model (paired per seed,
+    so the spread is the method's, not that of the seeds' dense models)."""
+    d = [v - b for v, b in zip(values, base, strict=True)]
+    return f"{scale * np.mean(values):.{digits}f} ({'+' if np.mean(d) >= 0 else ''}{mean_se(d, digits, scale)})"
+
+
+def speed_line(seeds: list[dict[str, Any]], rows_key: str, unit: str, per_s: Any) -> str:
+    """Each seed's dense speed (median over its rows) and machine: seeds run in other sessions may have run on
+    other machines, so absolute speeds are never averaged across seeds, only the paired speed-ups."""
+    parts = []
+    for s in seeds:
+        if s[rows_key]:
+            where = "; ".join(s["machines"]) or "machine not recorded"
+            parts.append(f"seed {s['seed']} {np.median([per_s(r) for r in s[rows_key]]):,.0f} {unit} ({where})")
+    return "Dense speed, median over the rows: " + ", ".join(parts) + "." if parts else ""
 
 
 def document(p: dict[str, Any], seeds: list[dict[str, Any]]) -> str:
@@ -425,23 +455,26 @@ def document(p: dict[str, Any], seeds: list[dict[str, Any]]) -> str:
         "",
         f"**Seeds {ids}** ({n}): each seed is its own split of the tweets, tokenizer, dense model (trained from its "
         "own initialisation), calibration draw and Fisher labels, so the spread below is the whole pipeline's. "
-        "Cells are mean ± standard error over the seeds (the value alone for one seed).",
+        "Perplexity cells: the mean over the seeds, and in brackets its rise over the same seed's dense "
+        "perplexity, mean ± standard error (the value alone for one seed).",
         "",
         f"Dense perplexity **{mean_se(dense_ppl)}** (seeds: {', '.join(f'{x:.2f}' for x in dense_ppl)}); the dense "
         f"control after the same fine-tune {mean_se(ctrl_ppl)}.",
         "",
         "Perplexity columns: lower is better. Speed: dense and pruned timed in alternating rounds in one run "
-        "(one thread, 8 sequences); tokens/s are the medians of each model's rounds, the speed-up is the median "
-        "of the per-round ratios (robust to load that comes and goes, so the two can disagree on a busy machine).",
+        "(one thread, 8 sequences); the speed-up is the median of the per-round ratios (robust to load that comes "
+        "and goes). " + speed_line(seeds, "rows", "tokens/s", lambda r: r["tok_s_dense"]),
         "",
         "| criterion | params removed | widths (q / kv heads, MLP) | seeds | one-shot | + repair | + fine-tune "
-        "| tokens/s dense -> pruned | paired speed-up |",
-        "|---|---|---|---:|---|---|---|---|---|",
+        "| paired speed-up |",
+        "|---|---|---|---:|---|---|---|---|",
     ]
     keys = sorted({(r["target"], r["method"]) for s in seeds for r in s["rows"]},
                   key=lambda k: (k[0], list(METHODS).index(k[1])))
     for target, method in keys:
-        rs = [r for s in seeds for r in s["rows"] if (r["target"], r["method"]) == (target, method)]
+        pairs = [(r, s["control"]["ppl_dense"]) for s in seeds for r in s["rows"]
+                 if (r["target"], r["method"]) == (target, method)]
+        rs, base = [r for r, _ in pairs], [b for _, b in pairs]
         widths = sorted({(r["widths"]["query_heads"], r["widths"]["kv_heads"], r["widths"]["intermediate"])
                          for r in rs})
         def col(k: str, rs: list[dict[str, Any]] = rs) -> list[float]:
@@ -449,9 +482,8 @@ def document(p: dict[str, Any], seeds: list[dict[str, Any]]) -> str:
 
         lines.append(f"| {METHODS[method]} | {np.mean(col('params_removed')):.1%} | "
                      f"{'; '.join(f'{q} / {kv}, {i}' for q, kv, i in widths)} | {len(rs)} | "
-                     f"{mean_se(col('ppl_oneshot'))} | {mean_se(col('ppl_repair'))} | {mean_se(col('ppl_ft'))} | "
-                     f"{np.mean(col('tok_s_dense')):.0f} -> {np.mean(col('tok_s')):.0f} | "
-                     f"{mean_se(col('speedup'))}x |")
+                     f"{with_delta(col('ppl_oneshot'), base)} | {with_delta(col('ppl_repair'), base)} | "
+                     f"{with_delta(col('ppl_ft'), base)} | {mean_se(col('speedup'))}x |")
     lines += ["", "Every pruned row was also written by `hap.save_pretrained` (plan with `allocation=\"even\"`) to a "
               "directory that `transformers.AutoModelForCausalLM.from_pretrained` loads without hap."]
     gqa = first.get("gqa")
@@ -589,25 +621,26 @@ def vit_document(v: dict[str, Any], seeds: list[dict[str, Any]]) -> str:
              f"test top-1 **{mean_se(acc, scale=100)}%** (seeds: {', '.join(f'{x:.2%}' for x in acc)}); the dense "
              f"control after the same {v['ft_steps']}-step fine-tune (AdamW, lr {v['ft_lr']:g}, 10% warm-up) "
              f"{mean_se(ctrl, scale=100)}%. Heads and MLP neurons pruned together through `hap.pipeline.run` "
-             f"(uniform allocation, repair `lsq`), {v['target']:.0%} of the parameters; top-1 in %, mean ± standard "
-             "error over the seeds:", "",
+             f"(uniform allocation, repair `lsq`), {v['target']:.0%} of the parameters. Top-1 cells: the mean over "
+             "the seeds in %, and in brackets its change from the same seed's dense model in points, mean ± standard "
+             "error. " + speed_line(seeds, "vit_rows", "images/s", lambda r: (r["batch"][0] if isinstance(
+                 r["batch"], list) else r["batch"]) / r["latency_ms_base"] * 1e3), "",
              "| criterion | params removed | heads removed | seeds | one-shot | + repair | + fine-tune "
-             "| images/s dense -> pruned | paired speed-up |",
-             "|---|---|---|---:|---|---|---|---|---|"]
+             "| paired speed-up |",
+             "|---|---|---|---:|---|---|---|---|"]
     for method in METHODS:
-        rs = [r for s in seeds for r in s["vit_rows"] if r["method"] == method]
-        if not rs:
+        pairs = [(r, s["vit_dense"]["test_acc"]) for s in seeds for r in s["vit_rows"] if r["method"] == method]
+        if not pairs:
             continue
+        rs, base = [r for r, _ in pairs], [b for _, b in pairs]
         def col(k: str, rs: list[dict[str, Any]] = rs) -> list[float]:
             return [r[k] for r in rs]
 
-        b = [r["batch"][0] if isinstance(r["batch"], list) else r["batch"] for r in rs]
         lines.append(f"| {METHODS[method]} | {np.mean(col('params_removed')):.1%} | "
-                     f"{np.mean(col('heads_removed')):.0%} | {len(rs)} | {mean_se(col('test_acc_surgery'), scale=100)}"
-                     f" | {mean_se(col('test_acc_oneshot'), scale=100)} | {mean_se(col('test_acc'), scale=100)} | "
-                     f"{np.mean([x / r['latency_ms_base'] * 1e3 for x, r in zip(b, rs, strict=True)]):.0f} -> "
-                     f"{np.mean([x / r['latency_ms'] * 1e3 for x, r in zip(b, rs, strict=True)]):.0f} | "
-                     f"{mean_se(col('speedup'))}x |")
+                     f"{np.mean(col('heads_removed')):.0%} | {len(rs)} | "
+                     f"{with_delta(col('test_acc_surgery'), base, scale=100)} | "
+                     f"{with_delta(col('test_acc_oneshot'), base, scale=100)} | "
+                     f"{with_delta(col('test_acc'), base, scale=100)} | {mean_se(col('speedup'))}x |")
     return "\n".join(lines) + "\n"
 
 
