@@ -1,6 +1,7 @@
 """Speed a stopwatch sees: MACs against measured CPU latency of pruned ResNets (docs/speed.md).
 
-For ResNet-20 and ResNet-56 (CIFAR shape, 3 x 32 x 32, 10 classes) the script plans, prunes and times:
+For ResNet-20, ResNet-56 and WRN-16-4 (CIFAR shape, 3 x 32 x 32, 10 classes; the wide ResNet has 4x the
+channels, so more of its time is arithmetic) the script plans, prunes and times:
 
 - 50 / 70 / 85% of the parameters removed, ``uniform`` and ``global`` allocation: MAC speed-up (dense MACs
   / pruned MACs) against the measured latency speed-up at batch 1 and 64 (goal: at batch 64 the latency
@@ -15,6 +16,9 @@ For ResNet-20 and ResNet-56 (CIFAR shape, 3 x 32 x 32, 10 classes) the script pl
 - ``round_to`` 1 vs 8 vs ``"auto"`` (chosen from the table) at 70% of the parameters;
 - inference layouts of the dense and the 70%-pruned model: BatchNorm folded (:func:`hap.fold_batchnorm`),
   ``channels_last`` (the input converted inside the timed call, as an NCHW caller would pay), both;
+- the MAC goal again with ``round_to=8`` plans, dense and pruned both in each inference layout;
+- why latency lags MACs: one conv3x3 + BN + ReLU at C channels against the same layer at 1/2 and 1/4 of the
+  width (MACs fall with the square of the width, memory traffic linearly);
 - export: ONNX Runtime (the file :func:`hap.export` writes, 1 intra-op thread) against PyTorch eager.
 
 Weights do not change the speed of dense float32 kernels, so the models are randomly initialised and
@@ -25,7 +29,7 @@ alternating rounds in one process, 1 thread, median of the rounds.
 Resumable: each row is cached as JSON under ``benchmarks/out/speed/rows/`` (delete a file to redo it), the
 latency tables under ``benchmarks/out/speed/cache/``; the document is written atomically at the end.
 
-Run: ``python benchmarks/speed.py`` (about 10-15 min on an idle 2-core box); ``--smoke`` runs a tiny
+Run: ``python benchmarks/speed.py`` (about 20-30 min on an idle 2-core box); ``--smoke`` runs a tiny
 version in about a minute and writes ``benchmarks/out/speed/smoke/speed.md`` instead of the document
 (``--work DIR`` puts the rows and caches elsewhere, ``--out FILE`` the document).
 """
@@ -49,6 +53,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hap  # noqa: E402
+import hap.metrics  # noqa: E402
 import hap.models  # noqa: E402
 from _common import OUT, machine  # noqa: E402
 from hap._utils import atomic_write_text, first_line  # noqa: E402
@@ -207,11 +212,42 @@ def run_model(name: str, a: argparse.Namespace, rows: Path) -> dict[str, Any]:
     return out
 
 
+LAYER_SHAPES = ((16, 32), (64, 8), (64, 32), (256, 8))  # (channels, side): ResNet-20 stages 1 and 3, WRN-16-4's
+
+
+def layer_sweep(a: argparse.Namespace, rows: Path) -> list[dict[str, Any]]:
+    """One conv3x3 + BN + ReLU with ``C`` in and out channels against the same layer at a fraction of the
+    width (both sides pruned, as in a uniform plan): MACs fall with the square of the width, memory traffic
+    (activations in and out) only linearly, so a memory-bound layer's time follows the width."""
+    def block(c: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()).eval()
+
+    out = []
+    for c, side in LAYER_SHAPES:
+        for f in (0.5, 0.25):
+            def make(c: int = c, side: int = side, f: float = f) -> dict[str, Any]:
+                torch.manual_seed(0)
+                n = max(1, round(c * f))
+                big, small = block(c), block(n)
+                res: dict[str, Any] = {"channels": c, "side": side, "fraction": f, "small_channels": n,
+                                       "mac_speedup": c * c / (n * n), "speedup": {}}
+                for b in a.batch_sizes:  # alternating rounds, each model on its own input; median of the ratios
+                    xb, xs = torch.randn(b, c, side, side), torch.randn(b, n, side, side)
+                    ratios = [hap.metrics.latency(big, xb, repeats=10, threads=a.threads).median_ms
+                              / hap.metrics.latency(small, xs, repeats=10, threads=a.threads).median_ms
+                              for _ in range(a.repeats)]
+                    res["speedup"][str(b)] = float(sorted(ratios)[len(ratios) // 2])
+                return res
+            out.append(cached(rows / f"layer-c{c}-s{side}-f{f:g}.json", make))
+    return out
+
+
 def _x(v: float) -> str:
     return f"{v:.2f}x"
 
 
-def render(results: list[dict[str, Any]], a: argparse.Namespace, wall_s: float, command: str, rows: Path) -> str:
+def render(results: list[dict[str, Any]], a: argparse.Namespace, wall_s: float, command: str, rows: Path,
+           layers: list[dict[str, Any]] | None = None) -> str:
     b1, bb = (str(b) for b in (a.batch_sizes[0], a.batch_sizes[-1]))
     lines = ["# Speed: MACs against the stopwatch", "",
              f"Written by `{command}` in {wall_s / 60:.1f} min (rows read from the cache count 0). Machine: "
@@ -245,8 +281,22 @@ def render(results: list[dict[str, Any]], a: argparse.Namespace, wall_s: float, 
                          f"{100 * p['macs_removed']:.1f}% | {_x(p['mac_speedup'])} | {_x(p['speedup'][b1])} | "
                          f"{_x(p['speedup'][bb])} | {ratio:.2f} | {'yes' if ratio >= 0.8 else 'no'} | "
                          f"{_x(1 / p['predicted_kept'])} |")
-    lines += ["", f"The goal holds for {met} of {total} plans.", "",
-              "## Latency targets", "",
+    lines += ["", f"The goal holds for {met} of {total} plans."]
+    if layers:
+        lines += ["", "### Why latency lags MACs: one layer at a fraction of its width", "",
+                  "A conv3x3 + BatchNorm + ReLU with C channels in and out against the same layer with both sides cut "
+                  "to a fraction of C (as a uniform plan cuts them), each on its own input, timed in alternating "
+                  "rounds (median of the per-round ratios). MACs fall with the square of the width, the activations "
+                  "read and written only linearly: where a layer is bound by memory traffic, not arithmetic, its "
+                  "time follows the width.", "",
+                  f"| C | side | width kept | MAC speed-up | width speed-up | latency speed-up b{b1} | b{bb} | "
+                  f"b{bb} / MAC |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in layers:
+            lines.append(f"| {r['channels']} | {r['side']} | {r['small_channels']} / {r['channels']} | "
+                         f"{_x(r['mac_speedup'])} | {_x(r['channels'] / r['small_channels'])} | "
+                         f"{_x(r['speedup'][b1])} | {_x(r['speedup'][bb])} | "
+                         f"{r['speedup'][bb] / r['mac_speedup']:.2f} |")
+    lines += ["", "## Latency targets", "",
               f"`Target(latency=t)` asks to keep 1 - t of the dense latency at batch {bb}. *Open loop*: the plan whose "
               f"latency the per-layer table *predicts* to be 1 - t (`latency_iters=0`). *Closed loop* (the default, "
               f"`latency_iters={a.latency_iters}`): the planner times each planned model against the dense one "
@@ -344,7 +394,7 @@ def render(results: list[dict[str, Any]], a: argparse.Namespace, wall_s: float, 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "wrn16_4"])
     ap.add_argument("--params", type=float, nargs="+", default=[0.5, 0.7, 0.85], help="fractions of params removed")
     ap.add_argument("--latency", type=float, nargs="+", default=[0.5, 0.33, 0.67],
                     help="latency targets (fraction of dense latency removed)")
@@ -381,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
         results.append(run_model(name, a, rows))
     command = "python benchmarks/speed.py" + ("" if argv is None and len(sys.argv) == 1 else
                                               " " + shlex.join(argv if argv is not None else sys.argv[1:]))
-    atomic_write_text(out, render(results, a, time.perf_counter() - t0, command, rows))
+    layers = layer_sweep(a, rows) if not a.smoke else None
+    atomic_write_text(out, render(results, a, time.perf_counter() - t0, command, rows, layers))
     print(f"written: {out}")
 
 
