@@ -126,6 +126,17 @@ def test_per_layer_widths_skip_hf_with_the_reason(llama_dir, texts, tmp_path):
     assert m["hf_skipped"] in (out / "report.md").read_text()
 
 
+def test_query_slots_take_a_heads_target_counting_query_heads(llama_dir, texts, tmp_path):
+    """``--units query_slots --target heads=0.5``: half of the query heads go (one slot of each layer's two),
+    every K/V head stays."""
+    out = tmp_path / "run"
+    assert main(["prune", "--units", "query_slots", "--model", str(llama_dir), "--data", str(texts),
+                 "--target", "heads=0.5", "--out", str(out), *FAST]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["query_heads_base"] == 8 and m["query_heads"] == 4 and m["kv_heads"] == 4
+    assert json.loads((out / "plan.json").read_text())["target"] == {"heads": 0.5}
+
+
 @pytest.mark.parametrize("target, tol", [("0.2", "0.15"), ("0.4", "0.1")])
 def test_query_slots_prune_a_gqa_lm_end_to_end_with_query_heads_and_hf(llama_dir, texts, tmp_path, capsys,
                                                                         target, tol):
@@ -212,11 +223,11 @@ def test_query_slots_on_multi_head_attention_name_heads():
     check_units("heads,neurons", model)  # other families are not asked
 
 
-def test_query_slots_refuse_a_heads_target(llama_dir, texts, tmp_path, capsys):
+def test_query_slots_refuse_a_channels_target(llama_dir, texts, tmp_path, capsys):
     assert main(["prune", "--units", "query_slots", "--model", str(llama_dir), "--data", str(texts),
-                 "--target", "heads=0.5", "--out", str(tmp_path / "r"), *FAST]) == 2
+                 "--target", "channels=0.5", "--out", str(tmp_path / "r"), *FAST]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "heads" in err and "params" in err
+    assert len(err.splitlines()) == 1 and "channels" in err and "heads" in err and not (tmp_path / "r").exists()
 
 
 def test_the_task_is_read_from_the_directory_and_can_be_overridden(llama_dir, tmp_path):
