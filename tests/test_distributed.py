@@ -301,9 +301,10 @@ def _lm_texts(path: Path, n: int = 40) -> Path:
     return path
 
 
-def _lm(r: int, world: int) -> dict[str, Any]:
+def _lm(r: int, world: int, kd: bool = False) -> dict[str, Any]:
     """A tiny Llama fine-tuned on padded texts of unequal lengths (batch 7: rows 3 + 4 on two ranks): the
-    loss is a mean over predicted tokens, so each rank's loss weight must be its share of the tokens."""
+    loss is a mean over predicted tokens, so each rank's loss weight must be its share of the tokens. With
+    ``kd``, half of the loss is distillation from another tiny Llama (also a mean over predicted tokens)."""
     import tempfile
 
     from hap.text import load_text_data
@@ -324,7 +325,9 @@ def _lm(r: int, world: int) -> dict[str, Any]:
     task = Recording(make_tokenizer(root / "tok"), max_length=16)
     task.weights = []
     model = make_decoder("llama", seed=r)  # another init per rank: DDP starts every rank from rank 0's
-    train(model, data, TrainConfig(steps=4, lr=1e-2, batch_size=7, seed=0, warmup=0.0), task=task, progress=False)
+    cfg = TrainConfig(steps=4, lr=1e-2, batch_size=7, seed=0, warmup=0.0, kd_alpha=0.5 if kd else 0.0)
+    teacher = make_decoder("llama", seed=11).eval() if kd else None
+    train(model, data, cfg, task=task, teacher=teacher, progress=False)
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "weights": task.weights}
 
 
@@ -343,7 +346,7 @@ def _all(r: int, world: int) -> dict[str, Any]:
 
 
 SCENARIOS = {"estimates": _estimates, "raises": _raises, "repair": _repair, "train": _train, "resume": _resume,
-             "lm": _lm, "all": _all}
+             "lm": _lm, "lm_kd": lambda r, world: _lm(r, world, kd=True), "all": _all}
 
 
 @pytest.fixture(scope="module")
@@ -476,6 +479,20 @@ def test_causal_lm_ddp_weights_each_rank_by_its_tokens_and_equals_one_process(ra
                 continue  # its true gradient is exactly 0 (softmax ignores it): Adam scales rounding noise to lr
             torch.testing.assert_close(two[r]["state"][k], v, rtol=1e-7, atol=1e-9, msg=f"rank {r}: {k}")
     assert any(not torch.equal(v, make_llama_state()[k]) for k, v in one["state"].items())  # it trained
+
+
+def test_causal_lm_distillation_under_ddp_equals_one_process(ranks):
+    """Distillation of a causal LM averages over the predicted tokens (padding excluded), like its loss, so the
+    token loss weights make a two-rank fine-tune with ``kd_alpha`` one process's."""
+    two = _ok(ranks["lm_kd"])
+    one = _lm(0, 1, kd=True)
+    plain = _lm(0, 1)
+    assert any(not torch.equal(v, plain["state"][k]) for k, v in one["state"].items())  # the teacher counted
+    for r in range(WORLD):
+        for k, v in one["state"].items():
+            if k.endswith("k_proj.bias"):
+                continue  # zero true gradient (see the test above)
+            torch.testing.assert_close(two[r]["state"][k], v, rtol=1e-7, atol=1e-9, msg=f"rank {r}: {k}")
 
 
 def make_llama_state() -> dict[str, torch.Tensor]:

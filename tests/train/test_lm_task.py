@@ -176,14 +176,27 @@ def test_the_loop_trains_on_the_task_loss_and_a_vision_run_is_unchanged():
         torch.testing.assert_close(v, b.state_dict()[k], rtol=0, atol=0)
 
 
-def test_distillation_averages_per_token_for_a_causal_lm_and_per_example_for_a_classifier():
-    from hap.train.loop import _kd_loss
+def test_distillation_averages_per_predicted_token_for_a_causal_lm_and_per_example_for_a_classifier():
+    """A classifier's distillation is the KL of its rows, as it always was; a causal LM's is the mean KL over
+    exactly the tokens its next-token loss predicts (padding and the last position excluded), computed here
+    position by position."""
+    from hap.text.lm import IGNORE_INDEX
+    from hap.train import CausalLMTask, VisionTask
+    from hap.train.tasks import kl_per_row
 
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 7, generator=g, dtype=torch.float64), torch.randn(2, 5, 7, generator=g,
                                                                                dtype=torch.float64)
-    per_token = torch.stack([_kd_loss(s[i, j][None], t[i, j][None], 2.0) for i in range(2) for j in range(5)])
-    torch.testing.assert_close(_kd_loss(s, t, 2.0), per_token.mean())
-    a, b = s[:, 0], t[:, 0]  # a classifier's (batch, classes): the formula it always had
+    a, b = s[:, 0], t[:, 0]  # a classifier's (batch, classes)
     ref = F.kl_div(F.log_softmax(a / 2, -1), F.softmax(b / 2, -1), reduction="batchmean") * 4
-    torch.testing.assert_close(_kd_loss(a, b, 2.0), ref, rtol=0, atol=0)
+    torch.testing.assert_close(VisionTask().kd_loss(a, b, torch.zeros(2), 2.0), ref, rtol=0, atol=0)
+    labels = torch.tensor([[3, 1, 4, 1, 5], [2, 6, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])  # row 2 padded
+    predicted = [(i, j) for i in range(2) for j in range(4) if labels[i, j + 1] != IGNORE_INDEX]  # logits j -> j+1
+    assert len(predicted) == 5
+    per_token = torch.stack([kl_per_row(s[i, j][None], t[i, j][None], 2.0) for i, j in predicted])
+    got = CausalLMTask(tokenizer=None).kd_loss(s, t, labels, 2.0)
+    torch.testing.assert_close(got, per_token.mean(), rtol=1e-12, atol=0)
+    none = torch.full_like(labels, IGNORE_INDEX)
+    assert float(CausalLMTask(tokenizer=None).kd_loss(s, t, none, 2.0)) == 0.0
+
+

@@ -24,7 +24,7 @@ from .._utils import call_model, eval_mode, model_device
 from ..distributed import all_reduce_sum, is_distributed, world_size
 from ..text.data import TextLoader
 from ..text.lm import IGNORE_INDEX, causal_lm_loss, lm_labels, perplexity
-from .tasks import TextTask
+from .tasks import TextTask, kl_per_row
 
 __all__ = ["CausalLMTask", "LMLoader"]
 
@@ -93,6 +93,17 @@ class CausalLMTask(TextTask):
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
         """Mean next-token cross-entropy over the unpadded tokens (:func:`hap.text.lm.causal_lm_loss`)."""
         return causal_lm_loss(outputs, targets)
+
+    def kd_loss(self, outputs: Any, teacher_outputs: Any, targets: Any, temperature: float) -> torch.Tensor:
+        """Per-token distillation over the *predicted* tokens only (the positions :meth:`loss` counts: padding
+        and the last position excluded), their mean: the same tokens and the same average as the next-token
+        loss, so :meth:`loss_weight`'s token factor makes it exact under ``torch.distributed`` too."""
+        logits, teacher = outputs.logits if hasattr(outputs, "logits") else outputs, (
+            teacher_outputs.logits if hasattr(teacher_outputs, "logits") else teacher_outputs)
+        keep = (targets[:, 1:] != IGNORE_INDEX).to(logits.device)
+        if not bool(keep.any()):
+            return logits.sum() * 0.0  # nothing predicted in this batch (a stand-in row): no distillation either
+        return kl_per_row(logits[:, :-1][keep], teacher[:, :-1][keep], temperature)
 
     def loss_weight(self, targets: Any, share: float) -> float:
         """``W t_r / T``: this rank's predicted tokens ``t_r`` over the global batch's ``T``, times the ranks ``W``.

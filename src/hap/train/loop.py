@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -54,14 +53,6 @@ from .config import TrainConfig, TrainResult
 from .tasks import Task, VisionTask
 
 __all__ = ["train"]
-
-
-def _kd_loss(out: torch.Tensor, teacher_out: torch.Tensor, temperature: float) -> torch.Tensor:
-    T = temperature
-    # one distribution per row of the last axis: a classifier's (batch, classes) unchanged, a causal LM's
-    # (batch, tokens, vocab) averaged per token rather than summed over the tokens of each sequence
-    out, teacher_out = out.reshape(-1, out.shape[-1]), teacher_out.reshape(-1, teacher_out.shape[-1])
-    return F.kl_div(F.log_softmax(out / T, -1), F.softmax(teacher_out / T, -1), reduction="batchmean") * T * T
 
 
 @collective
@@ -204,12 +195,12 @@ def train(
                 share = sharded.weight(batches.global_batch_rows(i))
             share = task.loss_weight(y, share)  # the rows' factor, or the task's (a causal LM: its tokens')
             outputs = call_model(net, task.to_input(x, layout))
-            logits = logits_of(outputs)
             loss = task.loss(outputs, y)
             if teacher is not None and cfg.kd_alpha > 0:
                 with torch.no_grad():
                     t_out = logits_of(call_model(teacher, x))
-                loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * _kd_loss(logits, t_out, cfg.kd_temperature)
+                kd = task.kd_loss(outputs, t_out, y, cfg.kd_temperature)
+                loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
             if any_rank(not bool(torch.isfinite(loss))):
                 model.eval()
                 raise RuntimeError(

@@ -37,6 +37,14 @@ from .config import TrainConfig
 __all__ = ["Task", "VisionTask", "TextTask", "recalibrate_bn", "pick_memory_format"]
 
 
+def kl_per_row(out: torch.Tensor, teacher_out: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 KL(softmax(teacher / T) || softmax(out / T))`` averaged over the rows of the last axis (one
+    distribution per row: a classifier's ``(batch, classes)``, or every position of ``(..., vocab)``)."""
+    t = temperature
+    out, teacher_out = out.reshape(-1, out.shape[-1]), teacher_out.reshape(-1, teacher_out.shape[-1])
+    return F.kl_div(F.log_softmax(out / t, -1), F.softmax(teacher_out / t, -1), reduction="batchmean") * t * t
+
+
 class Task:
     """Base of the tasks; see the module docstring. Subclasses set ``DEFAULTS`` and the batch methods."""
 
@@ -111,6 +119,12 @@ class Task:
         :func:`hap.pipeline.score_units` scores units by it, so a task with another objective (a causal LM)
         changes both by overriding this one method."""
         return classification_loss(outputs, targets)
+
+    def kd_loss(self, outputs: Any, teacher_outputs: Any, targets: Any, temperature: float) -> torch.Tensor:
+        """Distillation loss from a teacher's outputs (``TrainConfig.kd_alpha``): the temperature-scaled KL
+        divergence per example, averaged as :meth:`loss` is (a classifier: over rows), so that
+        :meth:`loss_weight` weights both terms alike under ``torch.distributed``."""
+        return kl_per_row(logits_of(outputs), logits_of(teacher_outputs), temperature)
 
     def loss_weight(self, targets: Any, share: float) -> float:
         """The factor this rank's mean loss is scaled by before backward under ``torch.distributed``.
