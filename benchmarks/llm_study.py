@@ -422,13 +422,13 @@ def with_delta(values: list[float], base: list[float], digits: int = 2, scale: f
     return f"{scale * np.mean(values):.{digits}f} ({'+' if np.mean(d) >= 0 else ''}{mean_se(d, digits, scale)})"
 
 
-def speed_line(seeds: list[dict[str, Any]], rows_key: str, unit: str, per_s: Any) -> str:
+def speed_line(seeds: list[dict[str, Any]], rows_key: str, unit: str, per_s: Any, machines: str = "machines") -> str:
     """Each seed's dense speed (median over its rows) and machine: seeds run in other sessions may have run on
     other machines, so absolute speeds are never averaged across seeds, only the paired speed-ups."""
     parts = []
     for s in seeds:
         if s[rows_key]:
-            where = "; ".join(s["machines"]) or "machine not recorded"
+            where = "; ".join(s[machines]) or "machine not recorded"
             parts.append(f"seed {s['seed']} {np.median([per_s(r) for r in s[rows_key]]):,.0f} {unit} ({where})")
     return "Dense speed, median over the rows: " + ", ".join(parts) + "." if parts else ""
 
@@ -630,7 +630,7 @@ def vit_document(v: dict[str, Any], seeds: list[dict[str, Any]]) -> str:
              f"(uniform allocation, repair `lsq`), {v['target']:.0%} of the parameters. Top-1 cells: the mean over "
              "the seeds in %, and in brackets its change from the same seed's dense model in points, mean ± standard "
              "error. " + speed_line(seeds, "vit_rows", "images/s", lambda r: (r["batch"][0] if isinstance(
-                 r["batch"], list) else r["batch"]) / r["latency_ms_base"] * 1e3), "",
+                 r["batch"], list) else r["batch"]) / r["latency_ms_base"] * 1e3, "vit_machines"), "",
              "| criterion | params removed | heads removed | seeds | one-shot | + repair | + fine-tune "
              "| paired speed-up |",
              "|---|---|---|---:|---|---|---|---|"]
@@ -670,13 +670,27 @@ def read_seed(out: Path) -> dict[str, Any]:
             "rows": [json.loads(f.read_text()) for f in sorted((out / "rows").glob("*.json"))],
             "vit_dense": _read(out / "vit_dense.json"), "vit_control": _read(out / "vit_control.json"),
             "vit_rows": [json.loads(f.read_text()) for f in sorted((out / "vit_rows").glob("*.json"))],
-            "machines": (out / "machine.txt").read_text().splitlines() if (out / "machine.txt").is_file() else []}
+            "machines": _lines(out / "machine.txt"), "vit_machines": _lines(out / "vit_machine.txt")}
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def record_machine(path: Path, threads: int) -> None:
+    """Add this machine to the ones a part of the study ran on (a study resumed in another session may have
+    run on another machine), for the document's speed line."""
+    here = machine(threads=threads)
+    seen = path.read_text().splitlines() if path.is_file() else []
+    if here not in seen:
+        atomic_write_text(path, "\n".join([*seen, here]) + "\n")
 
 
 def seed_dirs(out: Path, base: Path) -> list[Path]:
     """The study directories pooled into one document: the default one (seed 0) and its ``_s<seed>`` siblings
     when ``out`` is one of them, else ``out`` alone."""
-    family = [base, *sorted(base.parent.glob(base.name + "_s*"))]
+    seeds = [d for d in base.parent.glob(base.name + "_s*") if d.name[len(base.name) + 2:].isdigit()]
+    family = [base, *sorted(seeds, key=lambda d: int(d.name[len(base.name) + 2:]))]
     return [d for d in family if (d / "study.json").is_file()] if out in family else [out]
 
 
@@ -710,13 +724,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out)  # a smoke study is disposable
         write_json(study, settings)
         torch.set_num_threads(args.threads)
-        here = machine(threads=args.threads)  # every machine a resumed study ran on, for the document's line
-        seen = (out / "machine.txt").read_text().splitlines() if (out / "machine.txt").is_file() else []
-        if here not in seen:
-            atomic_write_text(out / "machine.txt", "\n".join([*seen, here]) + "\n")
         if args.part in ("all", "llm"):
+            record_machine(out / "machine.txt", args.threads)
             llm_part(p, out, args)
         if args.part in ("all", "vit"):
+            record_machine(out / "vit_machine.txt", args.threads)
             vit_study(v, out, args.seed)
     same = {k: x for k, x in settings.items() if k != "seed"}
     seeds = []
@@ -726,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"not pooled: {d} holds a study with other settings", flush=True)
             continue
         seeds.append(rec)
-    machines = list(dict.fromkeys(m for s in seeds for m in s["machines"])) or [machine(threads=args.threads)]
+    machines = list(dict.fromkeys(m for s in seeds for m in s["machines"] + s["vit_machines"])) or [
+        machine(threads=args.threads)]
     text = (f"# Pruning a small Llama (GQA) causal LM and a ViT\n\nProduced by `python benchmarks/llm_study.py"
             f"{' --smoke' if args.smoke else ''}` (seed 0) and `... --seed 1` (more seeds: `--seed N`; "
             f"`--doc-only` rewrites this page from the cached records) on {'; '.join(machines)} (a study resumed in "
