@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -223,9 +224,8 @@ def test_train_and_finetune_errors_name_the_flag(tmp_path, capsys, cmd, args, li
     assert not (tmp_path / "t").exists()
 
 
-def test_eval_and_finetune_of_a_text_classifier_run(tmp_path, capsys):
-    """``hap eval --run`` / ``hap finetune`` on a ``hap heads`` run: its own model and data (accuracy), not a
-    zoo CNN on Fashion-MNIST."""
+def _text_classifier_run(tmp_path: Path) -> Path:
+    """A small ``hap heads`` run (tiny random BERT-style classifier, 40 texts, 2 fine-tune steps)."""
     pytest.importorskip("transformers")
     from ..text.conftest import save_model_dir, write_csv
 
@@ -234,6 +234,13 @@ def test_eval_and_finetune_of_a_text_classifier_run(tmp_path, capsys):
     assert main(["heads", "--model", str(model_dir), "--data", str(write_csv(tmp_path / "d.csv", n=40)), "--method",
                  "l1", "--target", "heads=0.25", "--finetune-steps", "2", "--out", str(out), "--no-progress",
                  "--threads", "1"]) == 0
+    return out
+
+
+def test_eval_and_finetune_of_a_text_classifier_run(tmp_path, capsys):
+    """``hap eval --run`` / ``hap finetune`` on a ``hap heads`` run: its own model and data (accuracy), not a
+    zoo CNN on Fashion-MNIST."""
+    out = _text_classifier_run(tmp_path)
     m = json.loads((out / "metrics.json").read_text())
     capsys.readouterr()
     assert main(["eval", "--run", str(out), "--threads", "1"]) == 0
@@ -251,16 +258,9 @@ def test_eval_and_finetune_of_a_text_classifier_run(tmp_path, capsys):
 def test_finetune_writes_the_run_only_through_rank_0(tmp_path, monkeypatch):
     """Under torchrun every rank runs ``hap finetune`` on the same run directory: its files must be replaced by
     rank 0 alone (``hap.distributed.on_main``), so a rank that is not rank 0 leaves every file as it was."""
-    pytest.importorskip("transformers")
     import hap.distributed
 
-    from ..text.conftest import save_model_dir, write_csv
-
-    model_dir = save_model_dir(tmp_path / "clf", num_labels=2)
-    out = tmp_path / "run"
-    assert main(["heads", "--model", str(model_dir), "--data", str(write_csv(tmp_path / "d.csv", n=40)), "--method",
-                 "l1", "--target", "heads=0.25", "--finetune-steps", "2", "--out", str(out), "--no-progress",
-                 "--threads", "1"]) == 0
+    out = _text_classifier_run(tmp_path)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     monkeypatch.setattr(hap.distributed, "on_main", lambda fn: None)  # a rank other than 0
     assert main(["finetune", "--run", str(out), "--epochs", "1", "--no-progress", "--threads", "1"]) == 0
