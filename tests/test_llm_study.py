@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ._bench import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("llm_study", ROOT / "benchmarks" / "llm_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("llm_study", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("llm_study")
 
 
 def test_seed_directories_are_the_base_and_its_numbered_siblings(study, tmp_path):

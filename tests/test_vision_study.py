@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from ._bench import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("vision_study", ROOT / "benchmarks" / "vision_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("vision_study", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("vision_study")
 
 
 def _args(study, **kw):

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from .._bench import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("heads_study", ROOT / "benchmarks" / "heads_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("heads_study", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("heads_study")
 
 
 def test_only_its_own_block_is_replaced(study, tmp_path):
